@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install what they need.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_DEB_DIR := /usr/share/datasets/fashion-mnist
+DATA_STAMP := var/data/.fashion-mnist
+
+.PHONY: install data demo test lint format bench clean
+
+install: $(STAMP) $(DATA_STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+# Fashion-MNIST: Debian's package where apt is available, else torchvision's download.
+$(DATA_STAMP): | $(STAMP)
+	@if [ ! -d $(FASHION_DEB_DIR) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+		|| echo "apt could not install dataset-fashion-mnist; trying torchvision's download"; \
+	fi
+	$(PY) -m mlaas datasets prepare fashion-mnist
+	@mkdir -p $(dir $(DATA_STAMP)) && touch $(DATA_STAMP)
+
+data: $(DATA_STAMP)
+
+demo: install
+	$(PY) -m mlaas demo
+
+test: install
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install
+	$(PY) bench/serve.py
+
+clean:
+	rm -rf var/demo .pytest_cache .ruff_cache

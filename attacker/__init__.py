@@ -1,0 +1,1 @@
+"""The adversary: steals the served model over HTTP only (never imports ``server``/``defense``)."""

@@ -1,0 +1,1 @@
+"""Detectors, per-client monitoring and output perturbations (never imports ``server``)."""

@@ -1,0 +1,3 @@
+from mlaas.cli import main
+
+main()

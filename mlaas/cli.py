@@ -1,0 +1,342 @@
+"""The ``mlaas`` command line.
+
+This module composes the testbed's halves, so it is the one place in the shared package that
+reaches into ``server`` (and later ``attacker``); it does so inside each command, which also
+keeps ``mlaas --help`` and ``mlaas keys`` fast (no torch import).
+Results go to standard output; messages and progress to standard error, so that scripts can
+capture a command's output (``KEY=$(mlaas keys create alice)``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="mlaas",
+    help="A testbed for model extraction against ML-as-a-service: serve a victim, attack it, "
+    "watch the log.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+victim_app = typer.Typer(help="Train victim models.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage clients' API keys.", no_args_is_help=True)
+app.add_typer(victim_app, name="victim")
+app.add_typer(keys_app, name="keys")
+
+err = Console(stderr=True)
+out = Console()
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+class Format(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def _server_settings(**overrides: Any):  # noqa: ANN202 - server is imported lazily
+    from pydantic import ValidationError
+
+    from server.settings import ServerSettings
+
+    try:
+        return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        raise fail(f"invalid settings: {exc}") from exc
+
+
+def _database(settings: Any):  # noqa: ANN202
+    from server.db import init_db, make_engine
+
+    engine = make_engine(settings.resolved_database_url)
+    init_db(engine)
+    return engine
+
+
+@app.command("datasets")
+def datasets_command() -> None:
+    """List the data sets the testbed knows, and whether each works offline."""
+    from mlaas.datasets import describe_datasets
+
+    table = Table("name", "splits", "shape", "offline", "description")
+    for info in describe_datasets():
+        table.add_row(
+            info["name"],
+            ", ".join(info["splits"]),
+            str(info["shape"]),
+            "yes" if info["offline"] else "no",
+            info["description"],
+        )
+    out.print(table)
+
+
+@victim_app.command("train")
+def victim_train(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write")] = Path(
+        "var/victims/fashion"
+    ),
+    dataset: Annotated[str, typer.Option(help="Registered data set or ImageFolder path")] = (
+        "fashion-mnist"
+    ),
+    arch: Annotated[str, typer.Option(help="Architecture (see mlaas.models)")] = "cnn-small",
+    epochs: int = 3,
+    batch_size: int = 128,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd")] = "adam",
+    lr: Annotated[float | None, typer.Option(help="Default per optimizer")] = None,
+    schedule: Annotated[str, typer.Option(help="none, cosine, onecycle or step")] = "onecycle",
+    augment: bool = False,
+    pretrained: Annotated[
+        str | None, typer.Option(help="'imagenet' for torchvision's weights (needs them)")
+    ] = None,
+    input_shape: Annotated[
+        str | None, typer.Option(help="CxHxW, default: the data set's, enlarged if needed")
+    ] = None,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    name: Annotated[str | None, typer.Option(help="Model name in the card")] = None,
+    train_size: Annotated[
+        int | None, typer.Option(help="Train on a seeded subset of this size (quick trials)")
+    ] = None,
+) -> None:
+    """Train a victim model and write a directory that `mlaas serve --victim` takes."""
+    from mlaas.datasets import DatasetUnavailable
+    from mlaas.images import InputShape
+    from mlaas.models import PretrainedWeightsUnavailable
+    from mlaas.training import TrainConfig
+    from server.victim import train_victim
+
+    try:
+        config = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            schedule=schedule,
+            augment=augment,
+            seed=seed,
+            device=device,
+        )
+        shape = InputShape.parse(input_shape) if input_shape else None
+        card = train_victim(
+            out_dir,
+            dataset=dataset,
+            arch=arch,
+            config=config,
+            shape=shape,
+            pretrained=pretrained,
+            name=name,
+            train_size=train_size,
+        )
+    except (DatasetUnavailable, PretrainedWeightsUnavailable, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    err.print(
+        f"[green]victim written to {out_dir}[/]: {card.architecture} on {card.dataset}, "
+        f"test accuracy {card.test_accuracy:.2%}, {card.training_seconds:.0f} s"
+    )
+
+
+@app.command("serve")
+def serve(
+    victim: Annotated[Path, typer.Option(help="Directory from `mlaas victim train`")] = Path(
+        "var/victims/fashion"
+    ),
+    granularity: Annotated[
+        str | None, typer.Option(help="probs, label, topk:K, round:D; topk and round compose")
+    ] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL (default: SQLite under var/)")
+    ] = None,
+    log_level: str = "info",
+) -> None:
+    """Serve a victim model over HTTP (uvicorn)."""
+    import uvicorn
+
+    from mlaas.modelstore import load_card
+
+    try:
+        load_card(victim)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(f"{exc} (train one with `mlaas victim train --out {victim}`)") from exc
+    overrides = {"victim_dir": str(victim), "granularity": granularity, "database_url": database_url}
+    _server_settings(**overrides)  # fail here, clearly, rather than inside a worker
+    for key, value in overrides.items():
+        if value is not None:
+            os.environ[f"MLAAS_{key.upper()}"] = value
+    uvicorn.run(
+        "server.app:create_app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str,
+    granularity: Annotated[
+        str | None, typer.Option(help="Override the deployment's granularity for this client")
+    ] = None,
+) -> None:
+    """Create a client and print its API key (once, alone on standard output)."""
+    from server.keys import KeyStore, KeyStoreError
+
+    engine = _database(_server_settings())
+    try:
+        key = KeyStore(engine).create(name, granularity)
+    except (KeyStoreError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    err.print(f"created client [bold]{name}[/]; the key is shown once:")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(fmt: Annotated[Format, typer.Option("--format")] = Format.table) -> None:
+    """List clients (never their keys)."""
+    from server.keys import KeyStore
+
+    rows = [
+        {
+            "name": k.name,
+            "key_prefix": k.key_prefix,
+            "granularity": k.granularity,
+            "created_at": k.created_at.isoformat(),
+            "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+        }
+        for k in KeyStore(_database(_server_settings())).list()
+    ]
+    _emit(rows, fmt, columns=["name", "key_prefix", "granularity", "created_at", "revoked_at"])
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str) -> None:
+    """Revoke a client's key: its next request gets 401."""
+    from server.keys import KeyStore, KeyStoreError
+
+    try:
+        KeyStore(_database(_server_settings())).revoke(name)
+    except KeyStoreError as exc:
+        raise fail(str(exc)) from exc
+    err.print(f"revoked client [bold]{name}[/]")
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """An ISO 8601 time (UTC if no zone) or a span back from now: 30s, 15m, 2h, 7d."""
+    match = _RELATIVE.match(text.strip())
+    if match:
+        now = now or datetime.now(UTC)
+        return now - timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"{text!r} is neither an ISO time (2026-01-31T12:00) nor a span (15m, 2h, 7d)"
+        ) from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+_LOG_COLUMNS = [
+    "time", "client", "id", "predicted", "label_name", "top_prob", "granularity",
+    "input_shape", "latency_ms", "input_sha256",
+]  # fmt: skip
+
+
+def _flatten_log_row(row: dict[str, Any]) -> dict[str, Any]:
+    payload = row["payload"] or {}
+    scores = payload.get("scores") or []
+    return {
+        **row,
+        "label_name": payload.get("label_name"),
+        "top_prob": scores[0]["prob"] if scores else None,
+    }
+
+
+@app.command("logs")
+def logs(
+    client: Annotated[str | None, typer.Option(help="Only this client's queries")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="ISO time or span back from now: 15m, 2h, 7d")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Newest N rows; 0 for all")] = 50,
+    fmt: Annotated[Format, typer.Option("--format")] = Format.table,
+) -> None:
+    """Show the query log: one row per answered query, oldest first."""
+    from server.querylog import fetch_queries
+
+    moment = parse_since(since) if since else None
+    engine = _database(_server_settings())
+    rows = fetch_queries(
+        engine, client=client, since=moment, limit=limit or None, newest_first=True
+    )
+    rows.reverse()
+    _emit([_flatten_log_row(r) for r in rows], fmt, columns=_LOG_COLUMNS)
+
+
+def _emit(rows: list[dict[str, Any]], fmt: Format, columns: list[str]) -> None:
+    if fmt is Format.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    if fmt is Format.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: _cell(row.get(c)) for c in columns})
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    out.print(table)
+    err.print(f"{len(rows)} rows")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+@app.command("demo")
+def demo(
+    queries: Annotated[int, typer.Option(help="Benign queries to send")] = 500,
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes")] = Path("var/demo"),
+    victim: Annotated[Path, typer.Option(help="Victim directory; trained if missing")] = Path(
+        "var/victims/fashion"
+    ),
+) -> None:
+    """Train (or reuse) the default victim, serve it, query it over HTTP, show the log."""
+    from mlaas.demo import run_demo
+
+    run_demo(victim_dir=victim, workdir=workdir, queries=queries, console=err, out=out)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,103 @@
+"""The prediction service's app factory and lifecycle.
+
+Start-up loads the victim, opens the database and starts the micro-batcher and the query-log
+writer; shutdown (after uvicorn has drained in-flight requests) stops the batcher and flushes
+every pending log row, so N answered queries and a stop leave N rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from server.db import init_db, make_engine
+from server.errors import error_response, install_error_handlers
+from server.inference import MicroBatcher, Victim
+from server.inputs import BodySizeLimit, BodyTooLarge, Limits
+from server.keys import KeyStore
+from server.querylog import QueryLogWriter
+from server.routes import admin_router, public_router
+from server.settings import ServerSettings
+from server.shaping import Granularity
+from server.state import CountRejections, ServiceState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    granularity = Granularity.parse(settings.granularity)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.resolved_database_url)
+        await asyncio.to_thread(init_db, engine)
+        victim = await asyncio.to_thread(Victim, settings.victim_dir, settings.device)
+        batcher = MicroBatcher(
+            victim,
+            max_batch=settings.batch_max_size,
+            max_wait_s=settings.batch_max_wait_ms / 1000.0,
+        )
+        writer = QueryLogWriter(
+            engine,
+            store_inputs=settings.log_inputs,
+            flush_rows=settings.log_flush_rows,
+            flush_interval_s=settings.log_flush_interval_ms / 1000.0,
+        )
+        batcher.start()
+        app.state.service = ServiceState(
+            settings=settings,
+            engine=engine,
+            keys=KeyStore(engine),
+            victim=victim,
+            batcher=batcher,
+            writer=writer,
+            granularity=granularity,
+            limits=Limits(settings.max_images_per_request, settings.max_image_pixels),
+        )
+        log.info(
+            "serving %s (%s) on %s, granularity %s",
+            victim.card.name,
+            victim.card.architecture,
+            victim.device,
+            granularity,
+        )
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            await asyncio.to_thread(writer.close)
+            log.info("query log flushed: %d rows written", writer.written)
+            engine.dispose()
+
+    app = FastAPI(
+        title="mlaas-testbed prediction API",
+        version="1",
+        description=(
+            "A victim image classifier behind a prediction API with configurable output "
+            "granularity. Every answered query is logged per client."
+        ),
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(413, "payload_too_large", str(exc))
+
+    # The last added runs first: count every refusal, the body-size ones included.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(CountRejections)
+    app.include_router(public_router)
+    app.include_router(admin_router)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn's factory entry point: settings come from the environment alone."""
+    return create_app(ServerSettings())

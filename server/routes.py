@@ -1,0 +1,294 @@
+"""HTTP routes: the public prediction API and the admin API."""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlaas.wire import NPY_MEDIA_TYPE, ErrorBody, ModelInfo, PredictResponse
+from server.errors import ApiError
+from server.inputs import (
+    SUPPORTED_MEDIA_TYPES,
+    DecodedBatch,
+    decode_files,
+    decode_json,
+    decode_npy_batch,
+    form_files,
+    media_type,
+)
+from server.keys import Client, DuplicateClient, KeyStoreError
+from server.querylog import PendingQuery, fetch_queries
+from server.state import ServiceState, get_state
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `mlaas keys create`")
+_admin_bearer = HTTPBearer(
+    auto_error=False, scheme_name="AdminToken", description="The MLAAS_ADMIN_TOKEN"
+)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+AdminCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        401: "Missing, unknown or revoked API key",
+        413: "Body, image count or pixel count over the limits",
+        415: "Unsupported content type",
+        422: "An image that cannot be decoded, or a malformed body",
+        503: "The service is not ready",
+    }.items()
+}
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "One or more image files (PNG, JPEG, ...)",
+                        }
+                    },
+                    "required": ["file"],
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"type": "string", "contentEncoding": "base64"},
+                            "description": "Base64-encoded image files",
+                        }
+                    },
+                    "required": ["images"],
+                }
+            },
+            NPY_MEDIA_TYPE: {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "A .npy uint8 array shaped (N, H, W) or (N, H, W, C)",
+                }
+            },
+        },
+    }
+}
+
+public_router = APIRouter()
+admin_router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+
+
+async def require_client(request: Request, credentials: Credentials) -> Client:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    client = await run_in_threadpool(get_state(request).keys.authenticate, credentials.credentials)
+    if client is None:
+        raise _unauthorized("unknown or revoked API key")
+    return client
+
+
+def require_admin(request: Request, credentials: AdminCredentials) -> None:
+    token = get_state(request).settings.admin_token
+    if token is None:
+        raise ApiError(
+            403, "admin_disabled", "admin routes are disabled: set MLAAS_ADMIN_TOKEN to enable"
+        )
+    if credentials is None or not hmac.compare_digest(
+        credentials.credentials.encode(), token.get_secret_value().encode()
+    ):
+        raise _unauthorized("missing or wrong admin token")
+
+
+async def _read_batch(request: Request, state: ServiceState) -> DecodedBatch:
+    kind = media_type(request.headers.get("content-type"))
+    shape, limits = state.victim.shape, state.limits
+    if kind == "multipart/form-data":
+        try:
+            form = await request.form(max_files=limits.max_images, max_fields=limits.max_images)
+        except StarletteHTTPException as exc:
+            if "Too many files" in str(exc.detail):
+                raise ApiError(413, "too_many_images", str(exc.detail)) from exc
+            raise ApiError(422, "invalid_request", f"malformed multipart body: {exc.detail}") from exc
+        try:
+            files = await form_files(form.multi_items())
+        finally:
+            await form.close()
+        return await run_in_threadpool(decode_files, files, shape, limits)
+    if kind == "application/json":
+        return await run_in_threadpool(decode_json, await request.body(), shape, limits)
+    if kind == NPY_MEDIA_TYPE:
+        return await run_in_threadpool(decode_npy_batch, await request.body(), shape, limits)
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"content type {kind or '(none)'!r} is not accepted; use one of "
+        + ", ".join(SUPPORTED_MEDIA_TYPES),
+    )
+
+
+@public_router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    responses=_ERRORS,
+    openapi_extra=_PREDICT_BODY,
+    summary="Classify one or more images",
+)
+async def predict(
+    request: Request, client: Annotated[Client, Depends(require_client)]
+) -> PredictResponse:
+    started = time.perf_counter()
+    state = get_state(request)
+    batch = await _read_batch(request, state)
+    output = await state.batcher.submit(batch.images)
+    granularity = client.granularity or state.granularity
+    query_ids = [uuid.uuid4().hex for _ in range(len(output))]
+    predictions = granularity.shape(output.probs, state.victim.classes, query_ids)
+    answered_at = datetime.now(UTC)
+    latency_ms = (time.perf_counter() - started) * 1000.0
+    spec = str(granularity)
+    state.writer.submit(
+        [
+            PendingQuery(
+                id=prediction.query_id,
+                client=client.name,
+                created_at=answered_at,
+                image=image,
+                input_shape=sent_shape,
+                predicted=prediction.label,
+                payload=prediction.model_dump(exclude={"query_id"}),
+                latency_ms=latency_ms,
+                granularity=spec,
+            )
+            for prediction, image, sent_shape in zip(
+                predictions, batch.images, batch.original_shapes, strict=True
+            )
+        ]
+    )
+    return PredictResponse(model=state.victim.card.name, granularity=spec, predictions=predictions)
+
+
+@public_router.get("/v1/model", response_model=ModelInfo, summary="The public model card")
+async def model_info(request: Request) -> ModelInfo:
+    state = get_state(request)
+    card = state.victim.card
+    return ModelInfo(
+        name=card.name,
+        classes=card.classes,
+        input_shape=str(card.shape),
+        granularity=str(state.granularity),
+        max_images_per_request=state.limits.max_images,
+    )
+
+
+@public_router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@public_router.get("/readyz", summary="Readiness: model, batcher, log writer and database")
+async def readyz(request: Request) -> dict[str, Any]:
+    state: ServiceState | None = getattr(request.app.state, "service", None)
+    if state is None:
+        raise ApiError(503, "not_ready", "the service is starting")
+    problems = []
+    if not state.batcher.running:
+        problems.append("the model's batcher is not running")
+    if not state.writer.alive:
+        problems.append("the query log writer has stopped")
+    try:
+        await run_in_threadpool(_ping, state)
+    except Exception:
+        problems.append("the database does not answer")
+    if problems:
+        raise ApiError(503, "not_ready", "; ".join(problems))
+    return {"status": "ready", "model": state.victim.card.name}
+
+
+def _ping(state: ServiceState) -> None:
+    with state.engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
+class NewKey(BaseModel):
+    name: str = Field(description="Client name, unique")
+    granularity: str | None = Field(
+        default=None, description="Overrides the deployment's granularity for this key"
+    )
+
+
+class CreatedKey(BaseModel):
+    name: str
+    key: str = Field(description="Shown once; the server stores only its hash")
+
+
+@admin_router.post(
+    "/keys",
+    response_model=CreatedKey,
+    status_code=201,
+    dependencies=[Depends(require_admin)],
+    summary="Create an API key",
+)
+def create_key(request: Request, body: NewKey) -> CreatedKey:
+    try:
+        key = get_state(request).keys.create(body.name, body.granularity)
+    except DuplicateClient as exc:
+        raise ApiError(409, "client_exists", str(exc)) from exc
+    except (KeyStoreError, ValueError) as exc:
+        raise ApiError(422, "invalid_key_request", str(exc)) from exc
+    return CreatedKey(name=body.name, key=key)
+
+
+@admin_router.get("/queries", dependencies=[Depends(require_admin)], summary="The query log")
+def list_queries(
+    request: Request,
+    client: str | None = None,
+    since: datetime | None = Query(default=None, description="ISO 8601 time, inclusive"),
+    limit: int = Query(default=100, ge=1, le=1000),
+    offset: int = Query(default=0, ge=0),
+    include_input: bool = Query(default=False, description="Add each input as base64 PNG"),
+) -> list[dict[str, Any]]:
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    return fetch_queries(
+        get_state(request).engine,
+        client=client,
+        since=since,
+        limit=limit,
+        offset=offset,
+        include_input=include_input,
+    )
+
+
+@admin_router.get("/stats", dependencies=[Depends(require_admin)], summary="Service counters")
+def stats(request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    return {
+        "model": state.victim.card.name,
+        "granularity": str(state.granularity),
+        "batches": state.batcher.batches,
+        "images": state.batcher.images,
+        "log_rows_written": state.writer.written,
+        "log_rows_pending": state.writer.pending,
+        "rejected_by_status": dict(state.rejected),
+    }
+

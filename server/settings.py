@@ -1,0 +1,82 @@
+"""The provider's settings: ``MLAAS_*`` environment variables, ``.env``, or a TOML file.
+
+Precedence, highest first: explicit arguments, environment, ``.env``, the TOML file named by
+``MLAAS_CONFIG``, defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from mlaas.config import CommonSettings
+from server.shaping import Granularity
+
+
+class ServerSettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="MLAAS_", env_file=".env", extra="ignore")
+
+    victim_dir: Path = Path("var/victims/fashion")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: a SQLite file <var_dir>/mlaas.db"
+    )
+    granularity: str = "probs"
+    admin_token: SecretStr | None = Field(
+        default=None, description="Bearer token for /admin routes; unset disables them"
+    )
+    device: str = "auto"
+
+    max_images_per_request: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="Per decoded image; larger files are refused (413)"
+    )
+
+    batch_max_size: int = Field(default=256, ge=1, description="Images per forward pass")
+    batch_max_wait_ms: float = Field(
+        default=2.0, ge=0, description="How long a forward pass waits for company"
+    )
+
+    log_inputs: bool = Field(default=True, description="Store each query's input as PNG")
+    log_flush_rows: int = Field(default=512, ge=1)
+    log_flush_interval_ms: float = Field(default=100.0, gt=0)
+
+    @field_validator("granularity")
+    @classmethod
+    def _valid_granularity(cls, value: str) -> str:
+        return str(Granularity.parse(value))
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.var_dir / 'mlaas.db'}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+        )
+        config_file = os.environ.get("MLAAS_CONFIG")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"MLAAS_CONFIG names {config_file}, which does not exist")
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
+        return (*sources, file_secret_settings)

@@ -1,0 +1,56 @@
+"""What a running service holds, shared by its routes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from sqlalchemy.engine import Engine
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.inference import MicroBatcher, Victim
+from server.inputs import Limits
+from server.keys import KeyStore
+from server.querylog import QueryLogWriter
+from server.settings import ServerSettings
+from server.shaping import Granularity
+
+
+@dataclass
+class ServiceState:
+    settings: ServerSettings
+    engine: Engine
+    keys: KeyStore
+    victim: Victim
+    batcher: MicroBatcher
+    writer: QueryLogWriter
+    granularity: Granularity
+    limits: Limits
+    rejected: Counter[str] = field(default_factory=Counter)
+    """Refused requests by HTTP status: counted, never logged as answered queries."""
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+class CountRejections:
+    """ASGI middleware counting refused requests (status >= 400) by status code."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def observing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                service = getattr(scope["app"].state, "service", None)
+                if service is not None:
+                    service.rejected[str(message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, observing_send)
