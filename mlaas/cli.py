@@ -9,6 +9,7 @@ capture a command's output (``KEY=$(mlaas keys create alice)``).
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -32,7 +33,9 @@ app = typer.Typer(
 )
 victim_app = typer.Typer(help="Train victim models.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage clients' API keys.", no_args_is_help=True)
+datasets_app = typer.Typer(help="The data sets the testbed knows.", no_args_is_help=True)
 app.add_typer(victim_app, name="victim")
+app.add_typer(datasets_app, name="datasets")
 app.add_typer(keys_app, name="keys")
 
 err = Console(stderr=True)
@@ -40,7 +43,7 @@ out = Console()
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -69,8 +72,8 @@ def _database(settings: Any):  # noqa: ANN202
     return engine
 
 
-@app.command("datasets")
-def datasets_command() -> None:
+@datasets_app.command("list")
+def datasets_list() -> None:
     """List the data sets the testbed knows, and whether each works offline."""
     from mlaas.datasets import describe_datasets
 
@@ -79,11 +82,26 @@ def datasets_command() -> None:
         table.add_row(
             info["name"],
             ", ".join(info["splits"]),
-            str(info["shape"]),
+            str(info["native_shape"]),
             "yes" if info["offline"] else "no",
             info["description"],
         )
     out.print(table)
+
+
+@datasets_app.command("prepare")
+def datasets_prepare(
+    names: Annotated[list[str], typer.Argument(help="Data sets to make available locally")],
+) -> None:
+    """Find or fetch data sets now (Debian's package, MLAAS_DATA_DIR or a download)."""
+    from mlaas.datasets import DatasetUnavailable, load_dataset
+
+    for name in names:
+        try:
+            loaded = load_dataset(name)
+        except (DatasetUnavailable, ValueError) as exc:
+            raise fail(str(exc)) from exc
+        err.print(f"[green]{name}[/]: {len(loaded)} images at {loaded.shape}")
 
 
 @victim_app.command("train")
@@ -181,8 +199,11 @@ def serve(
     for key, value in overrides.items():
         if value is not None:
             os.environ[f"MLAAS_{key.upper()}"] = value
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["server"] = {"handlers": ["default"], "level": log_level.upper()}
     uvicorn.run(
         "server.app:create_app_from_env",
+        log_config=log_config,
         factory=True,
         host=host,
         port=port,

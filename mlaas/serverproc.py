@@ -85,7 +85,11 @@ class ServerProcess:
         raise ServerStartError(f"mlaas serve was not ready within {timeout:.0f} s")
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (uvicorn's graceful shutdown), then SIGKILL if it does not exit in time."""
+        """SIGTERM (uvicorn's graceful shutdown), then SIGKILL if it does not exit in time.
+
+        Returns 0 for a clean stop: uvicorn re-raises the SIGTERM it handled once its shutdown
+        is complete, so "killed by SIGTERM" after our SIGTERM is how a graceful exit looks.
+        """
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -98,7 +102,8 @@ class ServerProcess:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
-        return self.process.returncode
+        code = self.process.returncode
+        return 0 if code == -signal.SIGTERM else code
 
     def kill(self) -> None:
         """Die at once, as a crash would: no shutdown, no flush."""

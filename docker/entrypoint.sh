@@ -1,0 +1,26 @@
+#!/bin/sh
+# `serve`: train the default victim when the volume has none, then serve it on all interfaces.
+# `train-victim`: only the training step (compose runs it once, before the API replicas).
+# Anything else runs as given (e.g. `mlaas attack ...`, `mlaas logs`).
+set -e
+victim="${MLAAS_VICTIM_DIR:-/var/lib/mlaas/victims/fashion}"
+train_if_missing() {
+    if [ ! -f "$victim/card.json" ]; then
+        echo "no victim in $victim: training the default one" >&2
+        mlaas victim train --out "$victim"
+    fi
+}
+case "$1" in
+    serve)
+        shift
+        train_if_missing
+        exec mlaas serve --victim "$victim" --host 0.0.0.0 --port 8000 \
+            --workers "${MLAAS_WORKERS:-1}" "$@"
+        ;;
+    train-victim)
+        train_if_missing
+        ;;
+    *)
+        exec "$@"
+        ;;
+esac

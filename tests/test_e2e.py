@@ -1,0 +1,140 @@
+"""End to end: `mlaas serve` as a real uvicorn process on loopback, driven like a user would."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from mlaas.datasets import load_dataset
+from mlaas.images import InputShape
+from mlaas.serverproc import ServerProcess
+from mlaas.wire import NPY_MEDIA_TYPE, encode_npy, encode_png
+from server.db import make_engine
+from server.querylog import count_queries
+from tests.helpers import ADMIN_TOKEN
+
+pytestmark = pytest.mark.slow
+
+
+def mlaas(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "mlaas", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture
+def env(tmp_path: Path, database_url: str) -> dict[str, str]:
+    return {
+        "MLAAS_DATABASE_URL": database_url,
+        "MLAAS_ADMIN_TOKEN": ADMIN_TOKEN,
+        "MLAAS_VAR_DIR": str(tmp_path / "var"),
+    }
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return load_dataset("fashion-mnist:test", InputShape(1, 28, 28)).get_batch(np.arange(40))
+
+
+def test_serve_query_log_and_graceful_stop(tiny_victim, env, images, database_url, tmp_path) -> None:
+    created = mlaas(env, "keys", "create", "alice")
+    key = created.stdout.strip()
+    assert created.stdout == key + "\n" and key.startswith("mlk_")  # alone on stdout
+    assert "shown once" in created.stderr
+
+    server = ServerProcess(tiny_victim, env=env, log_file=tmp_path / "server.log").start()
+    try:
+        headers = {"Authorization": f"Bearer {key}"}
+        # What the README's curl line sends: one PNG as multipart.
+        single = httpx.post(
+            f"{server.url}/v1/predict",
+            files={"file": ("shirt.png", encode_png(images[0]), "image/png")},
+            headers=headers,
+        )
+        assert single.status_code == 200, single.text
+        query_id = single.json()["predictions"][0]["query_id"]
+        answered = 1
+        for start in range(0, 39, 13):
+            response = httpx.post(
+                f"{server.url}/v1/predict",
+                content=encode_npy(images[1 + start : 14 + start]),
+                headers={**headers, "Content-Type": NPY_MEDIA_TYPE},
+            )
+            assert response.status_code == 200, response.text
+            answered += len(response.json()["predictions"])
+        assert answered == 40
+        # A refused request is not an answered query.
+        assert httpx.post(f"{server.url}/v1/predict", content=b"x").status_code == 401
+    finally:
+        exit_code = server.stop()
+    assert exit_code == 0
+    # The graceful stop flushed every pending row: 40 answered, 40 rows.
+    assert count_queries(make_engine(database_url)) == 40
+
+    shown = json.loads(mlaas(env, "logs", "--client", "alice", "--format", "json", "--limit", "0").stdout)
+    assert len(shown) == 40 and query_id in {row["id"] for row in shown}
+    assert shown[0]["label_name"] and shown[0]["client"] == "alice"
+    table = mlaas(env, "logs", "--limit", "5").stdout
+    assert "alice" in table
+    rows = list(csv.DictReader(io.StringIO(mlaas(env, "logs", "--format", "csv").stdout)))
+    assert len(rows) == 40 and rows[0]["client"] == "alice"
+    assert mlaas(env, "logs", "--client", "nobody", "--format", "json").stdout.strip() == "[]"
+
+
+def test_revoking_through_the_cli_locks_out_a_live_client(tiny_victim, env, images, tmp_path) -> None:
+    key = mlaas(env, "keys", "create", "mallory", "--granularity", "label").stdout.strip()
+    listed = json.loads(mlaas(env, "keys", "list", "--format", "json").stdout)
+    assert [(k["name"], k["granularity"], k["revoked_at"]) for k in listed] == [
+        ("mallory", "label", None)
+    ]
+    assert key not in json.dumps(listed)  # keys are never shown again
+    with ServerProcess(tiny_victim, env=env, log_file=tmp_path / "server.log") as server:
+        post = lambda: httpx.post(  # noqa: E731
+            f"{server.url}/v1/predict",
+            content=encode_npy(images[:2]),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": NPY_MEDIA_TYPE},
+        )
+        first = post()
+        assert first.status_code == 200 and first.json()["granularity"] == "label"
+        mlaas(env, "keys", "revoke", "mallory")
+        assert post().status_code == 401
+    assert mlaas(env, "keys", "revoke", "nobody", check=False).returncode == 1
+    duplicate = mlaas(env, "keys", "create", "mallory", check=False)
+    assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
+
+
+def test_serve_refuses_a_missing_victim_clearly(tmp_path) -> None:
+    result = mlaas({}, "serve", "--victim", str(tmp_path / "nothing"), check=False)
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr and "mlaas victim train" in result.stderr
+    bad = mlaas({}, "serve", "--victim", str(tmp_path), "--granularity", "top3", check=False)
+    assert bad.returncode == 1
+
+
+def test_demo_runs_to_the_end(tiny_victim, tmp_path) -> None:
+    workdir = tmp_path / "demo"
+    result = mlaas(
+        {"MLAAS_VAR_DIR": str(tmp_path / "var")},
+        "demo", "--victim", str(tiny_victim), "--queries", "120", "--workdir", str(workdir),
+    )
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["queries_answered"] == 120 and summary["log_rows"] == 120
+    assert summary["server_exit_code"] == 0
+    assert summary["api_accuracy"] > 0.6  # far above the 10 % of chance
+    assert "tail of the query log" in result.stdout and "benign-1" in result.stdout
