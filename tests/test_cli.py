@@ -1,0 +1,64 @@
+"""CLI parsing and settings sources."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from mlaas.cli import app, parse_since
+from server.settings import ServerSettings
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30s", NOW - timedelta(seconds=30)),
+        ("15m", NOW - timedelta(minutes=15)),
+        ("2h", NOW - timedelta(hours=2)),
+        ("1.5d", NOW - timedelta(days=1.5)),
+        ("2026-11-28T10:00", datetime(2026, 11, 28, 10, 0, tzinfo=UTC)),
+        ("2026-11-28T10:00+01:00", datetime(2026, 11, 28, 9, 0, tzinfo=UTC)),
+    ],
+)
+def test_parse_since(text: str, expected: datetime) -> None:
+    assert parse_since(text, now=NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["yesterday", "15", "5w", ""])
+def test_parse_since_refuses_nonsense(text: str) -> None:
+    with pytest.raises(typer.BadParameter):
+        parse_since(text, now=NOW)
+
+
+def test_settings_from_toml_file_and_environment(tmp_path, monkeypatch) -> None:
+    config = tmp_path / "mlaas.toml"
+    config.write_text('granularity = "topk:3"\nmax_images_per_request = 8\n')
+    monkeypatch.setenv("MLAAS_CONFIG", str(config))
+    settings = ServerSettings()
+    assert settings.granularity == "topk:3" and settings.max_images_per_request == 8
+    monkeypatch.setenv("MLAAS_GRANULARITY", "label")  # the environment wins over the file
+    assert ServerSettings().granularity == "label"
+    monkeypatch.setenv("MLAAS_GRANULARITY", "top3")
+    with pytest.raises(ValueError, match="granularity"):
+        ServerSettings()
+    monkeypatch.setenv("MLAAS_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(FileNotFoundError):
+        ServerSettings()
+
+
+def test_default_database_lives_under_var_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("MLAAS_DATABASE_URL", raising=False)
+    monkeypatch.setenv("MLAAS_VAR_DIR", str(tmp_path))
+    assert ServerSettings().resolved_database_url == f"sqlite:///{tmp_path / 'mlaas.db'}"
+
+
+def test_help_lists_the_commands() -> None:
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("victim", "serve", "keys", "logs", "demo", "datasets"):
+        assert command in result.output
