@@ -53,7 +53,7 @@ class Format(StrEnum):
     csv = "csv"
 
 
-def _server_settings(**overrides: Any):  # noqa: ANN202 - server is imported lazily
+def _server_settings(**overrides: Any):
     from pydantic import ValidationError
 
     from server.settings import ServerSettings
@@ -64,7 +64,7 @@ def _server_settings(**overrides: Any):  # noqa: ANN202 - server is imported laz
         raise fail(f"invalid settings: {exc}") from exc
 
 
-def _database(settings: Any):  # noqa: ANN202
+def _database(settings: Any):
     from server.db import init_db, make_engine
 
     engine = make_engine(settings.resolved_database_url)
@@ -194,7 +194,11 @@ def serve(
         load_card(victim)
     except (FileNotFoundError, ValueError) as exc:
         raise fail(f"{exc} (train one with `mlaas victim train --out {victim}`)") from exc
-    overrides = {"victim_dir": str(victim), "granularity": granularity, "database_url": database_url}
+    overrides = {
+        "victim_dir": str(victim),
+        "granularity": granularity,
+        "database_url": database_url,
+    }
     _server_settings(**overrides)  # fail here, clearly, rather than inside a worker
     for key, value in overrides.items():
         if value is not None:

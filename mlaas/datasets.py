@@ -847,6 +847,12 @@ def describe_datasets() -> list[dict]:
     ]
 
 
+def dataset_splits(spec: str) -> list[str]:
+    """The splits ``spec``'s data set has (empty for an ImageFolder, which has none)."""
+    entry, _ = _resolve(spec)
+    return [] if entry.name == "imagefolder" else list(entry.splits)
+
+
 def native_shape(spec: str) -> InputShape:
     """The data set's own shape: what :func:`load_dataset` gives when no shape is asked for."""
     entry, _ = _resolve(spec)

@@ -70,23 +70,23 @@ def run_demo(
     rng = np.random.default_rng(0)
     picked = np.sort(rng.choice(len(pool), size=min(queries, len(pool)), replace=False))
     assert pool.labels is not None
-    started = time.perf_counter()
-    with server:
-        with AdminClient(server.url, admin_token) as admin:
-            key = admin.create_key(BENIGN_CLIENT)
-            correct = answered = 0
-            with PredictionClient(server.url, key) as client, _progress(console) as progress:
-                task = progress.add_task("benign queries", total=len(picked))
-                for start in range(0, len(picked), BATCH):
-                    chunk = picked[start : start + BATCH]
-                    response = client.predict(pool.get_batch(chunk))
-                    labels = np.array([p.label for p in response.predictions])
-                    correct += int((labels == pool.labels[chunk]).sum())
-                    answered += len(labels)
-                    progress.advance(task, len(chunk))
-            seconds = time.perf_counter() - started
-            time.sleep(0.3)  # let the writer's last batch land before reading the tail
-            tail = admin.queries(client=BENIGN_CLIENT, limit=1000)[-8:]
+    with server, AdminClient(server.url, admin_token) as admin:
+        key = admin.create_key(BENIGN_CLIENT)
+        correct = answered = 0
+        started = time.perf_counter()
+        with PredictionClient(server.url, key) as client, _progress(console) as progress:
+            task = progress.add_task("benign queries", total=len(picked), rate=0.0)
+            for start in range(0, len(picked), BATCH):
+                chunk = picked[start : start + BATCH]
+                response = client.predict(pool.get_batch(chunk))
+                labels = np.array([p.label for p in response.predictions])
+                correct += int((labels == pool.labels[chunk]).sum())
+                answered += len(labels)
+                rate = answered / max(time.perf_counter() - started, 1e-9)
+                progress.update(task, advance=len(chunk), rate=rate)
+        seconds = time.perf_counter() - started
+        _wait_for_log(admin, answered)
+        tail = admin.queries(client=BENIGN_CLIENT, limit=1000)[-8:]
     exit_code = server.stop()
     from server.db import make_engine  # read the log as the provider left it
     from server.querylog import count_queries
@@ -106,12 +106,19 @@ def run_demo(
     return summary
 
 
+def _wait_for_log(admin: AdminClient, rows: int, timeout: float = 10.0) -> None:
+    """The log is written off the request path: wait until it holds what was answered."""
+    deadline = time.monotonic() + timeout
+    while admin.stats()["log_rows_written"] < rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.speed} q/s" if False else ""),
+        TextColumn("{task.fields[rate]:.0f} queries/s"),
         TimeElapsedColumn(),
         console=console,
     )
@@ -141,4 +148,6 @@ def _show(out: Console, tail: list[dict], summary: dict, database: Path) -> None
         f"query log: {summary['log_rows']} rows for {summary['queries_answered']} answered "
         f"queries after a graceful stop (exit code {summary['server_exit_code']})"
     )
-    out.print(f"inspect it: MLAAS_DATABASE_URL=sqlite:///{database} mlaas logs --client {BENIGN_CLIENT}")
+    out.print(
+        f"inspect it: MLAAS_DATABASE_URL=sqlite:///{database} mlaas logs --client {BENIGN_CLIENT}"
+    )

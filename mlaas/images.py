@@ -41,7 +41,9 @@ class InputShape:
         """Parse ``CxHxW`` (as printed by ``str``), e.g. ``1x28x28`` or ``3x32x32``."""
         match = _SHAPE_RE.match(text)
         if not match:
-            raise ValueError(f"input shape must look like 3x32x32 (channels x height x width), not {text!r}")
+            raise ValueError(
+                f"input shape must look like 3x32x32 (channels x height x width), not {text!r}"
+            )
         return cls(*(int(g) for g in match.groups()))
 
     def __str__(self) -> str:
@@ -87,7 +89,11 @@ def to_shape(images: np.ndarray, shape: InputShape) -> np.ndarray:
         return np.ascontiguousarray(images)
     batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
     resized = F.interpolate(
-        batch, size=(shape.height, shape.width), mode="bilinear", antialias=True, align_corners=False
+        batch,
+        size=(shape.height, shape.width),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
     )
     resized = resized.round_().clamp_(0, 255).to(torch.uint8)
     return resized.permute(0, 2, 3, 1).contiguous().numpy()

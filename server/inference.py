@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mlaas.images import InputShape, to_tensor
-from mlaas.modelstore import ModelCard, load_model
+from mlaas.modelstore import load_model
 from mlaas.training import resolve_device
 
 
@@ -39,14 +39,6 @@ class ForwardOutput:
             self.logits[start:stop], self.probs[start:stop], self.features[start:stop]
         )
 
-    @staticmethod
-    def concat(parts: list[ForwardOutput]) -> ForwardOutput:
-        return ForwardOutput(
-            np.concatenate([p.logits for p in parts]),
-            np.concatenate([p.probs for p in parts]),
-            np.concatenate([p.features for p in parts]),
-        )
-
 
 class Victim:
     """The served model, loaded from a directory that ``mlaas victim train`` wrote."""
@@ -55,10 +47,6 @@ class Victim:
         self.device = resolve_device(device)
         self.model, self.card = load_model(directory, device=self.device)
         self.model.eval()
-
-    @property
-    def card_info(self) -> ModelCard:
-        return self.card
 
     @property
     def shape(self) -> InputShape:

@@ -70,9 +70,7 @@ class KeyStore:
             )
         spec = str(Granularity.parse(granularity)) if granularity else None
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        row = ApiKey(
-            name=name, key_hash=hash_key(key), key_prefix=key[:10], granularity=spec
-        )
+        row = ApiKey(name=name, key_hash=hash_key(key), key_prefix=key[:10], granularity=spec)
         try:
             with Session(self._engine) as session, session.begin():
                 session.add(row)

@@ -128,7 +128,9 @@ async def _read_batch(request: Request, state: ServiceState) -> DecodedBatch:
         except StarletteHTTPException as exc:
             if "Too many files" in str(exc.detail):
                 raise ApiError(413, "too_many_images", str(exc.detail)) from exc
-            raise ApiError(422, "invalid_request", f"malformed multipart body: {exc.detail}") from exc
+            raise ApiError(
+                422, "invalid_request", f"malformed multipart body: {exc.detail}"
+            ) from exc
         try:
             files = await form_files(form.multi_items())
         finally:
@@ -291,4 +293,3 @@ def stats(request: Request) -> dict[str, Any]:
         "log_rows_pending": state.writer.pending,
         "rejected_by_status": dict(state.rejected),
     }
-

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlaas.datasets import ImageSet, load_dataset, native_shape
+from mlaas.datasets import ImageSet, dataset_splits, load_dataset, native_shape
 from mlaas.images import InputShape
 from mlaas.models import build_model, min_input_size
 from mlaas.modelstore import ModelCard, save_model
@@ -25,7 +25,9 @@ def default_shape(dataset: str, arch: str) -> InputShape:
     return InputShape(shape.channels, max(shape.height, smallest), max(shape.width, smallest))
 
 
-def channel_stats(images: ImageSet, sample: int = 5000, seed: int = 0) -> tuple[list[float], list[float]]:
+def channel_stats(
+    images: ImageSet, sample: int = 5000, seed: int = 0
+) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of (a seeded sample of) the training images, in [0, 1]."""
     rng = np.random.default_rng(seed)
     indices = rng.permutation(len(images))[:sample]
@@ -36,12 +38,12 @@ def channel_stats(images: ImageSet, sample: int = 5000, seed: int = 0) -> tuple[
 
 def split_train_test(dataset: str, shape: InputShape, seed: int) -> tuple[ImageSet, ImageSet]:
     """The data set's train and test splits, or a seeded 85/15 split where it has none."""
-    try:
-        return load_dataset(f"{dataset}:train", shape, seed=seed), load_dataset(
-            f"{dataset}:test", shape, seed=seed
+    if ":" not in dataset and {"train", "test"} <= set(dataset_splits(dataset)):
+        return (
+            load_dataset(f"{dataset}:train", shape, seed=seed),
+            load_dataset(f"{dataset}:test", shape, seed=seed),
         )
-    except ValueError:
-        whole = load_dataset(dataset, shape, seed=seed)
+    whole = load_dataset(dataset, shape, seed=seed)
     if whole.labels is None:
         raise ValueError(f"{dataset} has no labels: a victim cannot be trained on it")
     order = np.random.default_rng(seed).permutation(len(whole))
@@ -71,7 +73,9 @@ def train_victim(
     shape = shape or default_shape(dataset, arch)
     train_set, test_set = split_train_test(dataset, shape, config.seed)
     if train_size is not None and train_size < len(train_set):
-        chosen = np.random.default_rng(config.seed).choice(len(train_set), train_size, replace=False)
+        chosen = np.random.default_rng(config.seed).choice(
+            len(train_set), train_size, replace=False
+        )
         train_set = train_set.subset(np.sort(chosen))
     if train_set.classes is None or train_set.labels is None:
         raise ValueError(f"{dataset} has no class labels: a victim cannot be trained on it")

@@ -79,7 +79,8 @@ def test_any_size_colour_jpeg_is_converted(make_client) -> None:
     buffer = io.BytesIO()
     photo.save(buffer, format="JPEG")
     response = client.post(
-        "/v1/predict", files=[("file", ("photo.jpg", buffer.getvalue(), "image/jpeg"))],
+        "/v1/predict",
+        files=[("file", ("photo.jpg", buffer.getvalue(), "image/jpeg"))],
         headers=bearer(key),
     )
     assert response.status_code == 200, response.text
@@ -129,7 +130,9 @@ def test_model_card_is_public_and_discloses_no_internals(make_client) -> None:
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]) == {
-        "multipart/form-data", "application/json", NPY_MEDIA_TYPE,
+        "multipart/form-data",
+        "application/json",
+        NPY_MEDIA_TYPE,
     }
 
 
@@ -154,9 +157,7 @@ def test_admin_routes_need_the_admin_token(make_client) -> None:
     assert client.get("/admin/queries", headers=bearer(ADMIN_TOKEN)).status_code == 200
     user_key = create_key(client, "erin")
     assert client.get("/admin/stats", headers=bearer(user_key)).status_code == 401
-    duplicate = client.post(
-        "/admin/keys", json={"name": "erin"}, headers=bearer(ADMIN_TOKEN)
-    )
+    duplicate = client.post("/admin/keys", json={"name": "erin"}, headers=bearer(ADMIN_TOKEN))
     assert duplicate.status_code == 409
 
 
@@ -169,15 +170,36 @@ def test_admin_disabled_without_a_token(make_client) -> None:
 
 def test_bad_input_gets_clear_errors_and_the_service_goes_on(make_client, test_images) -> None:
     images, _ = test_images
-    client = make_client(max_images_per_request=4, max_body_bytes=64 * 1024, max_image_pixels=10_000)
+    client = make_client(
+        max_images_per_request=4, max_body_bytes=64 * 1024, max_image_pixels=10_000
+    )
     key = create_key(client, "frank")
     cases = [
-        (client.post("/v1/predict", content=b"x", headers={**bearer(key), "Content-Type": "text/plain"}), 415),
-        (client.post("/v1/predict", files=[("file", ("bad.png", b"junk", "image/png"))], headers=bearer(key)), 422),
+        (
+            client.post(
+                "/v1/predict", content=b"x", headers={**bearer(key), "Content-Type": "text/plain"}
+            ),
+            415,
+        ),
+        (
+            client.post(
+                "/v1/predict",
+                files=[("file", ("bad.png", b"junk", "image/png"))],
+                headers=bearer(key),
+            ),
+            422,
+        ),
         (post_npy(client, key, images[:5]), 413),
         (post_npy(client, key, np.zeros((1, 200, 200), np.uint8)), 413),
         (client.post("/v1/predict", files=[png_file(images[0])] * 5, headers=bearer(key)), 413),
-        (client.post("/v1/predict", content=b"\0" * 70_000, headers={**bearer(key), "Content-Type": NPY_MEDIA_TYPE}), 413),
+        (
+            client.post(
+                "/v1/predict",
+                content=b"\0" * 70_000,
+                headers={**bearer(key), "Content-Type": NPY_MEDIA_TYPE},
+            ),
+            413,
+        ),
         (client.post("/v1/predict", json={"images": []}, headers=bearer(key)), 422),
     ]
     for response, status in cases:
@@ -208,7 +230,9 @@ def test_query_log_rows(make_client, test_images, database_url: str) -> None:
     answered = post_npy(client, alice, images[:5]).json()["predictions"]
     answered += post_npy(client, bob, images[5:8]).json()["predictions"]
     post_npy(client, "mlk_wrong", images[:3])  # refused: counted, not logged
-    client.post("/v1/predict", files=[("file", ("x.png", b"junk", "image/png"))], headers=bearer(alice))
+    client.post(
+        "/v1/predict", files=[("file", ("x.png", b"junk", "image/png"))], headers=bearer(alice)
+    )
     client.__exit__(None, None, None)  # graceful stop: flushes the writer
 
     rows = wait_for_rows(make_engine(database_url), 8, timeout=0)

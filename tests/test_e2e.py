@@ -52,7 +52,9 @@ def images() -> np.ndarray:
     return load_dataset("fashion-mnist:test", InputShape(1, 28, 28)).get_batch(np.arange(40))
 
 
-def test_serve_query_log_and_graceful_stop(tiny_victim, env, images, database_url, tmp_path) -> None:
+def test_serve_query_log_and_graceful_stop(
+    tiny_victim, env, images, database_url, tmp_path
+) -> None:
     created = mlaas(env, "keys", "create", "alice")
     key = created.stdout.strip()
     assert created.stdout == key + "\n" and key.startswith("mlk_")  # alone on stdout
@@ -87,7 +89,9 @@ def test_serve_query_log_and_graceful_stop(tiny_victim, env, images, database_ur
     # The graceful stop flushed every pending row: 40 answered, 40 rows.
     assert count_queries(make_engine(database_url)) == 40
 
-    shown = json.loads(mlaas(env, "logs", "--client", "alice", "--format", "json", "--limit", "0").stdout)
+    shown = json.loads(
+        mlaas(env, "logs", "--client", "alice", "--format", "json", "--limit", "0").stdout
+    )
     assert len(shown) == 40 and query_id in {row["id"] for row in shown}
     assert shown[0]["label_name"] and shown[0]["client"] == "alice"
     table = mlaas(env, "logs", "--limit", "5").stdout
@@ -97,7 +101,9 @@ def test_serve_query_log_and_graceful_stop(tiny_victim, env, images, database_ur
     assert mlaas(env, "logs", "--client", "nobody", "--format", "json").stdout.strip() == "[]"
 
 
-def test_revoking_through_the_cli_locks_out_a_live_client(tiny_victim, env, images, tmp_path) -> None:
+def test_revoking_through_the_cli_locks_out_a_live_client(
+    tiny_victim, env, images, tmp_path
+) -> None:
     key = mlaas(env, "keys", "create", "mallory", "--granularity", "label").stdout.strip()
     listed = json.loads(mlaas(env, "keys", "list", "--format", "json").stdout)
     assert [(k["name"], k["granularity"], k["revoked_at"]) for k in listed] == [
@@ -105,11 +111,14 @@ def test_revoking_through_the_cli_locks_out_a_live_client(tiny_victim, env, imag
     ]
     assert key not in json.dumps(listed)  # keys are never shown again
     with ServerProcess(tiny_victim, env=env, log_file=tmp_path / "server.log") as server:
-        post = lambda: httpx.post(  # noqa: E731
-            f"{server.url}/v1/predict",
-            content=encode_npy(images[:2]),
-            headers={"Authorization": f"Bearer {key}", "Content-Type": NPY_MEDIA_TYPE},
-        )
+
+        def post() -> httpx.Response:
+            return httpx.post(
+                f"{server.url}/v1/predict",
+                content=encode_npy(images[:2]),
+                headers={"Authorization": f"Bearer {key}", "Content-Type": NPY_MEDIA_TYPE},
+            )
+
         first = post()
         assert first.status_code == 200 and first.json()["granularity"] == "label"
         mlaas(env, "keys", "revoke", "mallory")
@@ -131,7 +140,13 @@ def test_demo_runs_to_the_end(tiny_victim, tmp_path) -> None:
     workdir = tmp_path / "demo"
     result = mlaas(
         {"MLAAS_VAR_DIR": str(tmp_path / "var")},
-        "demo", "--victim", str(tiny_victim), "--queries", "120", "--workdir", str(workdir),
+        "demo",
+        "--victim",
+        str(tiny_victim),
+        "--queries",
+        "120",
+        "--workdir",
+        str(workdir),
     )
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["queries_answered"] == 120 and summary["log_rows"] == 120

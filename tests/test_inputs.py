@@ -54,7 +54,9 @@ def test_modes_decode_to_grey_or_rgb(image: Image.Image, fmt: str, channels: int
 
 
 def test_cmyk_comes_out_as_the_right_colour() -> None:
-    cyan = decode_image_file(encoded(Image.new("CMYK", (8, 8), (255, 0, 0, 0)), "JPEG"), "c", LIMITS)
+    cyan = decode_image_file(
+        encoded(Image.new("CMYK", (8, 8), (255, 0, 0, 0)), "JPEG"), "c", LIMITS
+    )
     red, green, blue = cyan[4, 4].astype(int)
     assert red < 40 and green > 200 and blue > 200
 
@@ -127,7 +129,12 @@ def test_npy_garbage_is_422() -> None:
 def test_json_base64_and_data_urls() -> None:
     png = encoded(Image.new("L", (28, 28), 99))
     body = json.dumps(
-        {"images": [base64.b64encode(png).decode(), "data:image/png;base64," + base64.b64encode(png).decode()]}
+        {
+            "images": [
+                base64.b64encode(png).decode(),
+                "data:image/png;base64," + base64.b64encode(png).decode(),
+            ]
+        }
     ).encode()
     decoded = decode_json(body, SHAPE, LIMITS)
     assert decoded.images.shape == (2, 28, 28, 1) and np.all(decoded.images == 99)

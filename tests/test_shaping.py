@@ -26,8 +26,19 @@ def test_parse_canonical(spec: str, canonical: str) -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "bogus", "topk", "topk:0", "topk:-1", "round:x", "round:9", "label,topk:3",
-     "probs,round:2", "topk:2,topk:3", "label:1"],
+    [
+        "",
+        "bogus",
+        "topk",
+        "topk:0",
+        "topk:-1",
+        "round:x",
+        "round:9",
+        "label,topk:3",
+        "probs,round:2",
+        "topk:2,topk:3",
+        "label:1",
+    ],
 )
 def test_parse_rejects(spec: str) -> None:
     with pytest.raises(ValueError):
