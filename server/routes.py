@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
@@ -156,11 +157,34 @@ async def _read_batch(request: Request, state: ServiceState) -> DecodedBatch:
     summary="Classify one or more images",
 )
 async def predict(
-    request: Request, client: Annotated[Client, Depends(require_client)]
+    request: Request,
+    response: Response,
+    client: Annotated[Client, Depends(require_client)],
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Resending a request with the same key returns the first answer "
+            "and is neither logged nor counted again"
+        ),
+    ] = None,
 ) -> PredictResponse:
     started = time.perf_counter()
     state = get_state(request)
     batch = await _read_batch(request, state)
+    if idempotency_key is None:
+        return await _answer(state, client, batch, started)
+    fingerprint = hashlib.sha256(batch.images.tobytes()).hexdigest()
+    answer, replayed = await state.idempotency.run(
+        client.name, idempotency_key, fingerprint, lambda: _answer(state, client, batch, started)
+    )
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return answer
+
+
+async def _answer(
+    state: ServiceState, client: Client, batch: DecodedBatch, started: float
+) -> PredictResponse:
     output = await state.batcher.submit(batch.images)
     granularity = client.granularity or state.granularity
     query_ids = [uuid.uuid4().hex for _ in range(len(output))]

@@ -9,6 +9,7 @@ from fastapi import Request
 from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.idempotency import IdempotencyCache
 from server.inference import MicroBatcher, Victim
 from server.inputs import Limits
 from server.keys import KeyStore
@@ -27,6 +28,7 @@ class ServiceState:
     writer: QueryLogWriter
     granularity: Granularity
     limits: Limits
+    idempotency: IdempotencyCache = field(default_factory=IdempotencyCache)
     rejected: Counter[str] = field(default_factory=Counter)
     """Refused requests by HTTP status: counted, never logged as answered queries."""
 

@@ -298,3 +298,35 @@ def test_concurrent_requests_share_forward_passes(tiny_victim: Path, test_images
     got = np.concatenate([r.probs for r in results])
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert all(len(r) == 1 and r.features.shape[0] == 1 for r in results)
+
+
+def test_idempotent_retries_are_answered_once(make_client, test_images) -> None:
+    images, _ = test_images
+    client = make_client()
+    key = create_key(client, "retrier")
+
+    def send(batch: np.ndarray, idempotency_key: str):
+        return client.post(
+            "/v1/predict",
+            content=encode_npy(batch),
+            headers={
+                **bearer(key),
+                "Content-Type": NPY_MEDIA_TYPE,
+                "Idempotency-Key": idempotency_key,
+            },
+        )
+
+    first, again = send(images[:4], "batch-1"), send(images[:4], "batch-1")
+    assert first.status_code == again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert first.json() == again.json()  # the same query ids: the same answered queries
+    reused = send(images[4:8], "batch-1")
+    assert reused.status_code == 422 and "different" in reused.json()["error"]["message"]
+    assert send(images[4:8], "batch-2").status_code == 200
+    service = client.app.state.service
+    deadline = time.monotonic() + 10
+    while service.writer.written < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert service.writer.written == 8  # 4 + 4 answered; the replay added nothing

@@ -1,0 +1,347 @@
+"""The extraction attacks: what to query, and the substitute trained on the answers.
+
+Each attack is a generator of checkpoints: it queries the victim through the
+:class:`~attacker.client.ExtractionClient` up to the next checkpoint, yields the transfer data
+gathered so far, and receives the substitute the runner trained on it (the adaptive strategy
+and JBDA need that substitute to choose their next queries).
+
+* ``knockoff``  Knockoff nets (Orekondy et al.): natural images from another distribution,
+                sampled at random or by the adaptive gradient-bandit strategy.
+* ``realistic`` Atli et al.'s realistic adversary: in-domain public data, strong training.
+* ``copycat``   Copycat CNN (Correia-Silva et al.): non-problem-domain images, labels only.
+* ``jbda``      Papernot et al.'s Jacobian-based dataset augmentation from a small seed set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from attacker.client import Answers, ExtractionClient
+from attacker.strategies import AdaptiveSampler
+from mlaas.datasets import ImageSet, load_dataset
+from mlaas.images import InputShape, to_tensor
+from mlaas.models import Classifier, build_model
+from mlaas.training import TrainConfig, fit, predict_proba
+
+ATTACKS = ("knockoff", "realistic", "copycat", "jbda")
+DEFAULT_CHECKPOINTS = (500, 1000, 2000, 5000, 10000)
+
+# What each attack is, unless told otherwise.
+ATTACK_DEFAULTS: dict[str, dict[str, object]] = {
+    "knockoff": {"transfer": "natural-crops"},
+    "realistic": {
+        "transfer": "fashion-mnist:pool",
+        "augment": True,
+        "val_fraction": 0.1,
+        "patience": 8,
+        "epochs": 60,
+    },
+    "copycat": {"transfer": "natural-crops", "label_only": True},
+    "jbda": {"transfer": "fashion-mnist:pool"},
+}
+
+
+@dataclass
+class AttackConfig:
+    attack: str
+    budget: int = 5000
+    transfer: str = "natural-crops"
+    transfer_size: int | None = None
+    strategy: str = "random"
+    reward: str = "all"
+    arch: str = "cnn-small"
+    pretrained: str | None = None
+    epochs: int = 30
+    train_batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float | None = None
+    augment: bool = False
+    val_fraction: float = 0.0
+    patience: int | None = None
+    label_only: bool = False
+    checkpoints: list[int] = field(default_factory=lambda: list(DEFAULT_CHECKPOINTS))
+    test_set: str = "fashion-mnist:test"
+    eval_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    # adaptive strategy
+    clusters: int = 20
+    bandit_lr: float = 0.1
+    step: int = 32
+    retrain_every: int = 1000
+    # evasion: cover traffic interleaved with the attack's queries, not trained on
+    cover: str | None = None
+    cover_rate: float = 0.0
+    # JBDA
+    seed_size: int = 150
+    jbda_lambda: float = 0.1
+    jbda_tau: int = 3
+
+    @classmethod
+    def for_attack(cls, attack: str, **overrides: object) -> AttackConfig:
+        if attack not in ATTACKS:
+            raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(attack=attack, **{**ATTACK_DEFAULTS[attack], **given})
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise ValueError("the budget must be at least one query")
+        if self.strategy not in ("random", "adaptive"):
+            raise ValueError(f"strategy must be random or adaptive, not {self.strategy!r}")
+        if not 0.0 <= self.cover_rate < 1.0:
+            raise ValueError("cover_rate is the share of the budget spent on cover, in [0, 1)")
+        if self.cover_rate > 0 and not self.cover:
+            raise ValueError("cover_rate needs a cover data set (--cover)")
+        if self.attack == "jbda" and self.seed_size > self.budget:
+            raise ValueError(f"the JBDA seed set ({self.seed_size}) exceeds the budget")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.train_batch_size,
+            optimizer=self.optimizer,  # type: ignore[arg-type]
+            lr=self.lr,
+            augment=self.augment,
+            seed=self.seed,
+            device=self.device,
+            val_fraction=self.val_fraction,
+            patience=self.patience,
+        )
+
+
+@dataclass
+class Checkpoint:
+    """Transfer data at one point of an attack."""
+
+    queries: int  # images the victim answered so far (cover included)
+    images: np.ndarray  # uint8 (N, H, W, C): what the substitute trains on
+    answers: Answers
+
+    def targets(self, label_only: bool) -> np.ndarray:
+        return self.answers.labels if label_only else self.answers.targets
+
+
+AttackStream = Generator[Checkpoint, Classifier, None]
+
+
+@dataclass
+class Victim:
+    """What the attacker knows of the victim: its public model card."""
+
+    shape: InputShape
+    num_classes: int
+
+
+def build_substitute(config: AttackConfig, victim: Victim) -> Classifier:
+    torch.manual_seed(config.seed)
+    return build_model(config.arch, victim.num_classes, victim.shape, pretrained=config.pretrained)
+
+
+def train_substitute(
+    config: AttackConfig, victim: Victim, checkpoint: Checkpoint, progress: bool = False
+) -> Classifier:
+    model = build_substitute(config, victim)
+    train = config.train_config()
+    if config.val_fraction and len(checkpoint.images) * config.val_fraction < 1:
+        train = TrainConfig(**{**asdict(train), "val_fraction": 0.0, "patience": None})
+    fit(
+        model,
+        checkpoint.images,
+        checkpoint.targets(config.label_only),
+        train,
+        progress=progress,
+        description=f"substitute on {len(checkpoint.images)}",
+    )
+    return model
+
+
+def checkpoint_schedule(config: AttackConfig) -> list[int]:
+    points = sorted({c for c in config.checkpoints if 0 < c < config.budget} | {config.budget})
+    return points
+
+
+def _concat(answers: Sequence[Answers], num_classes: int) -> Answers:
+    if not answers:
+        return Answers(np.zeros((0, num_classes), np.float32), np.zeros(0, np.int64), True)
+    return Answers(
+        np.concatenate([a.probs for a in answers]),
+        np.concatenate([a.labels for a in answers]),
+        all(a.hard for a in answers),
+    )
+
+
+class QueryPlan:
+    """The order of queries: the attack's images, with cover traffic interleaved evenly."""
+
+    def __init__(
+        self, attack_indices: np.ndarray, cover_count: int, cover_size: int, seed: int
+    ) -> None:
+        rng = np.random.default_rng([seed, 7])
+        total = len(attack_indices) + cover_count
+        is_cover = np.zeros(total, dtype=bool)
+        if cover_count:
+            is_cover[np.round(np.linspace(0, total - 1, cover_count)).astype(int)] = True
+        self.is_cover = is_cover
+        self.index = np.empty(total, dtype=np.int64)
+        self.index[~is_cover] = attack_indices
+        self.index[is_cover] = rng.choice(cover_size, cover_count, replace=cover_count > cover_size)
+
+
+def sequence_attack(
+    client: ExtractionClient,
+    config: AttackConfig,
+    victim: Victim,
+    transfer: ImageSet,
+    cover: ImageSet | None,
+    chunk: int = 1000,
+) -> AttackStream:
+    """Knockoff random, realistic and copycat: a seeded random order through the transfer set."""
+    cover_count = round(config.budget * config.cover_rate) if cover is not None else 0
+    attack_count = min(config.budget - cover_count, len(transfer))
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(transfer))[:attack_count]
+    plan = QueryPlan(order, cover_count, len(cover) if cover is not None else 0, config.seed)
+    total = len(plan.index)
+    images: list[np.ndarray] = []
+    answers: list[Answers] = []
+    done = 0
+    for point in [p for p in checkpoint_schedule(config) if p <= total] or [total]:
+        while done < point:
+            stop = min(point, done + chunk)
+            window = slice(done, stop)
+            covered = plan.is_cover[window]
+            batch = np.empty((stop - done, *victim.shape.hwc), dtype=np.uint8)
+            if (~covered).any():
+                batch[~covered] = transfer.get_batch(plan.index[window][~covered])
+            if covered.any() and cover is not None:
+                batch[covered] = cover.get_batch(plan.index[window][covered])
+            got = client.query(batch)
+            keep = ~covered
+            images.append(batch[keep])
+            answers.append(
+                Answers(got.probs[keep], got.labels[keep], got.hard)  # cover is not trained on
+            )
+            done = stop
+        yield Checkpoint(done, np.concatenate(images), _concat(answers, victim.num_classes))
+
+
+def _action_groups(transfer: ImageSet, config: AttackConfig, victim: Victim) -> np.ndarray:
+    """The bandit's actions: the transfer set's labels, else k-means clusters of features."""
+    if transfer.labels is not None:
+        return np.asarray(transfer.labels)
+    model = build_substitute(config, victim)
+    features = []
+    with torch.inference_mode():
+        for start in range(0, len(transfer), 1024):
+            batch = transfer.get_batch(np.arange(start, min(start + 1024, len(transfer))))
+            features.append(model.features(to_tensor(batch)).numpy())
+    clusters = min(config.clusters, len(transfer))
+    kmeans = KMeans(n_clusters=clusters, n_init=3, random_state=config.seed)
+    return kmeans.fit_predict(np.concatenate(features))
+
+
+def adaptive_attack(
+    client: ExtractionClient, config: AttackConfig, victim: Victim, transfer: ImageSet
+) -> AttackStream:
+    """Knockoff nets' adaptive strategy: a gradient bandit over groups of transfer images."""
+    sampler = AdaptiveSampler(
+        _action_groups(transfer, config, victim),
+        reward=config.reward,
+        lr=config.bandit_lr,
+        seed=config.seed,
+    )
+    budget = min(config.budget, len(transfer))
+    retrain = set(range(config.retrain_every, budget, config.retrain_every))
+    yields = sorted({p for p in checkpoint_schedule(config) if p <= budget} | retrain | {budget})
+    images: list[np.ndarray] = []
+    answers: list[Answers] = []
+    substitute: Classifier | None = None
+    done = 0
+    for point in yields:
+        while done < point:
+            indices, actions = sampler.sample(min(config.step, point - done))
+            if len(indices) == 0:
+                break
+            batch = transfer.get_batch(indices)
+            got = client.query(batch)
+            substitute_probs = predict_proba(substitute, batch) if substitute is not None else None
+            sampler.update(actions, sampler.rewards(got.probs, substitute_probs))
+            images.append(batch)
+            answers.append(got)
+            done += len(indices)
+        substitute = yield Checkpoint(
+            done, np.concatenate(images), _concat(answers, victim.num_classes)
+        )
+
+
+def jacobian_step(
+    model: Classifier, images: np.ndarray, labels: np.ndarray, step: float
+) -> np.ndarray:
+    """x + step * sign(d F_label(x) / d x), clipped and quantised back to uint8 pixels."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = to_tensor(images, device).requires_grad_(True)
+    logits = model(x)
+    chosen = logits.gather(1, torch.as_tensor(labels, device=device).view(-1, 1)).sum()
+    (gradient,) = torch.autograd.grad(chosen, x)
+    moved = (x.detach() + step * gradient.sign()).clamp_(0.0, 1.0)
+    pixels = (moved * 255.0).round_().to(torch.uint8).permute(0, 2, 3, 1)
+    return pixels.cpu().numpy()
+
+
+def jbda_attack(
+    client: ExtractionClient, config: AttackConfig, victim: Victim, transfer: ImageSet
+) -> AttackStream:
+    """Papernot et al.: query a small seed set, then double it each round along the substitute's
+    Jacobian (the step's sign flips every ``jbda_tau`` rounds, as in their periodic schedule)."""
+    rng = np.random.default_rng(config.seed)
+    seed_indices = np.sort(rng.choice(len(transfer), config.seed_size, replace=False))
+    images = transfer.get_batch(seed_indices)
+    answers = client.query(images)
+    round_number = 0
+    while True:
+        substitute = yield Checkpoint(len(images), images, answers)
+        left = config.budget - len(images)
+        if left <= 0:
+            return
+        sign = -1.0 if (round_number // config.jbda_tau) % 2 else 1.0
+        grown = _jacobian_batches(substitute, images, answers.labels, sign * config.jbda_lambda)
+        grown = grown[:left]
+        new_answers = client.query(grown)
+        images = np.concatenate([images, grown])
+        answers = _concat([answers, new_answers], victim.num_classes)
+        round_number += 1
+
+
+def _jacobian_batches(
+    model: Classifier, images: np.ndarray, labels: np.ndarray, step: float, size: int = 512
+) -> np.ndarray:
+    return np.concatenate(
+        [
+            jacobian_step(model, images[i : i + size], labels[i : i + size], step)
+            for i in range(0, len(images), size)
+        ]
+    )
+
+
+def open_transfer(config: AttackConfig, victim: Victim) -> ImageSet:
+    return load_dataset(config.transfer, victim.shape, seed=config.seed, size=config.transfer_size)
+
+
+def attack_stream(client: ExtractionClient, config: AttackConfig, victim: Victim) -> AttackStream:
+    transfer = open_transfer(config, victim)
+    if config.attack == "jbda":
+        return jbda_attack(client, config, victim, transfer)
+    if config.attack == "knockoff" and config.strategy == "adaptive":
+        return adaptive_attack(client, config, victim, transfer)
+    cover = load_dataset(config.cover, victim.shape, seed=config.seed) if config.cover else None
+    return sequence_attack(client, config, victim, transfer, cover)
