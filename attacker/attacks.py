@@ -86,8 +86,7 @@ class AttackConfig:
     def for_attack(cls, attack: str, **overrides: object) -> AttackConfig:
         if attack not in ATTACKS:
             raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(attack=attack, **{**ATTACK_DEFAULTS[attack], **given})
+        return cls(attack=attack, **{**ATTACK_DEFAULTS[attack], **overrides})
 
     def __post_init__(self) -> None:
         if self.budget < 1:

@@ -408,7 +408,8 @@ def _attack(attack: str, options: dict[str, Any]) -> None:
     }  # fmt: skip
     try:
         checkpoints = [int(c) for c in options.pop("checkpoints").split(",") if c.strip()]
-        config = AttackConfig.for_attack(attack, checkpoints=checkpoints, **options)
+        given = {k: v for k, v in options.items() if v is not None}  # None: not given
+        config = AttackConfig.for_attack(attack, checkpoints=checkpoints, **given)
         metrics = run_attack(
             config,
             url=run_options["url"],

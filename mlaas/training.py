@@ -269,12 +269,13 @@ def _make_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     total = config.epochs * steps_per_epoch
-    if config.schedule == "onecycle":
+    # One-cycle needs a few steps per phase; tiny runs (a checkpoint of 100 answers) anneal.
+    if config.schedule == "onecycle" and total >= 8:
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.resolved_lr, total_steps=total, pct_start=0.25
         )
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if config.schedule in ("cosine", "onecycle"):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
     if config.schedule == "step":
         step = max(1, math.ceil(config.epochs / 3)) * steps_per_epoch
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=0.1)
