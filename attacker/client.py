@@ -21,8 +21,7 @@ import random
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -305,27 +304,27 @@ class ExtractionClient:
     async def _send_batches(self, batches: list[tuple[str, list[str], np.ndarray]]) -> None:
         limits = httpx.Limits(max_connections=self.concurrency * 2)
         semaphore = asyncio.Semaphore(self.concurrency)
-        with self._show_progress():
-            async with httpx.AsyncClient(
-                base_url=self.url, timeout=self.timeout_s, limits=limits
-            ) as http:
+        self._start_progress()
+        async with httpx.AsyncClient(
+            base_url=self.url, timeout=self.timeout_s, limits=limits
+        ) as http:
 
-                async def one(key: str, digests: list[str], batch: np.ndarray) -> None:
-                    async with semaphore:
-                        self.cache.record_sent(key, digests)
-                        response = await self._post(http, key, batch)
-                        self.cache.record_answer(key, digests, response)
-                        self.sent_images += len(digests)
-                        self._advance(len(digests))
+            async def one(key: str, digests: list[str], batch: np.ndarray) -> None:
+                async with semaphore:
+                    self.cache.record_sent(key, digests)
+                    response = await self._post(http, key, batch)
+                    self.cache.record_answer(key, digests, response)
+                    self.sent_images += len(digests)
+                    self._advance(len(digests))
 
-                tasks = [asyncio.create_task(one(*b)) for b in batches]
-                try:
-                    await asyncio.gather(*tasks)
-                except BaseException:
-                    for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    raise
+            tasks = [asyncio.create_task(one(*b)) for b in batches]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
 
     async def _post(self, http: httpx.AsyncClient, key: str, batch: np.ndarray) -> PredictResponse:
         api_key = self.keys[self._next_key % len(self.keys)]
@@ -397,21 +396,15 @@ class ExtractionClient:
             await asyncio.sleep(wait)
 
     # ------------------------------------------------------------------ progress
-    @contextmanager
-    def _show_progress(self) -> Iterator[None]:
-        if self._progress is None:
-            yield
+    def _start_progress(self) -> None:
+        """One live bar for the client's lifetime (stopped by :meth:`close`)."""
+        if self._progress is None or self._task is not None:
             return
-        if self._task is None:
-            self._started = time.monotonic()
-            self._task = self._progress.add_task(
-                "queries", total=self.budget, completed=self.spent, rate=0.0, left="∞"
-            )
+        self._started = time.monotonic()
+        self._task = self._progress.add_task(
+            "queries", total=self.budget, completed=self.spent, rate=0.0, left="∞"
+        )
         self._progress.start()
-        try:
-            yield
-        finally:
-            self._progress.stop()
 
     def _advance(self, count: int) -> None:
         if self._progress is None or self._task is None:
@@ -423,6 +416,8 @@ class ExtractionClient:
         )
 
     def close(self) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.stop()
         self.cache.close()
 
     def __enter__(self) -> Self:

@@ -117,8 +117,8 @@ def run_attack(
         model = None
         checkpoint = next(stream)
         while True:
-            with console.status(f"training the substitute on {len(checkpoint.images)} answers"):
-                model = train_substitute(config, victim, checkpoint)
+            console.print(f"training the substitute on {len(checkpoint.images)} answers")
+            model = train_substitute(config, victim, checkpoint)
             scores = evaluator.evaluate(model)
             records.append(
                 {
