@@ -41,6 +41,8 @@ attack_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(attack_app, name="attack")
+defense_app = typer.Typer(help="Train the provider's detectors.", no_args_is_help=True)
+app.add_typer(defense_app, name="defense")
 app.add_typer(keys_app, name="keys")
 
 err = Console(stderr=True)
@@ -188,9 +190,19 @@ def serve(
     database_url: Annotated[
         str | None, typer.Option(help="SQLAlchemy URL (default: SQLite under var/)")
     ] = None,
+    detector: Annotated[
+        list[str] | None,
+        typer.Option(help="ood-binary, msp, mahalanobis or prada; repeat for several"),
+    ] = None,
+    policy: Annotated[
+        str | None, typer.Option(help="After an alert: monitor, block or deceive")
+    ] = None,
+    perturbation: Annotated[
+        str | None, typer.Option(help="On every answer: reverse-sigmoid:B:G or noise:S")
+    ] = None,
     log_level: str = "info",
 ) -> None:
-    """Serve a victim model over HTTP (uvicorn)."""
+    """Serve a victim model over HTTP (uvicorn), with the inline defense if asked."""
     import uvicorn
 
     from mlaas.modelstore import load_card
@@ -203,8 +215,19 @@ def serve(
         "victim_dir": str(victim),
         "granularity": granularity,
         "database_url": database_url,
+        "detectors": ",".join(detector) if detector else None,
+        "policy": policy,
+        "perturbation": perturbation,
     }
-    _server_settings(**overrides)  # fail here, clearly, rather than inside a worker
+    settings = _server_settings(**overrides)  # fail here, clearly, rather than inside a worker
+    from defense.detectors import artifact_path
+
+    for name in settings.detector_names:
+        if name != "prada" and not artifact_path(settings.resolved_defense_dir, name).exists():
+            raise fail(
+                f"detector {name!r} is not trained for this victim: run `mlaas defense train "
+                f"{name} --victim {victim}`"
+            )
     for key, value in overrides.items():
         if value is not None:
             os.environ[f"MLAAS_{key.upper()}"] = value
@@ -292,7 +315,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 _LOG_COLUMNS = [
     "time", "client", "id", "predicted", "label_name", "top_prob", "granularity",
-    "input_shape", "latency_ms", "input_sha256",
+    "input_shape", "latency_ms", "scores", "input_sha256",
 ]  # fmt: skip
 
 
@@ -577,6 +600,75 @@ def victim_oracle(
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, labels.astype(np.int64))
     err.print(f"wrote {len(labels)} victim labels on {test_set} to {out}")
+
+
+@defense_app.command("train")
+def defense_train(
+    names: Annotated[
+        list[str], typer.Argument(help="Detectors: ood-binary, msp, mahalanobis (or all)")
+    ],
+    victim: Annotated[Path, typer.Option(help="Victim directory")] = Path("var/victims/fashion"),
+    outliers: Annotated[
+        str, typer.Option(help="Out-of-distribution images for ood-binary")
+    ] = "natural-crops",
+    size: Annotated[int, typer.Option(help="Images per training and calibration set")] = 10_000,
+    false_alarm_rate: Annotated[
+        float, typer.Option(help="Chance that a benign client of --stream-length queries alarms")
+    ] = 0.001,
+    stream_length: int = 1000,
+    out: Annotated[
+        Path | None, typer.Option(help="Artifact directory; default <victim>/defense")
+    ] = None,
+    seed: int = 0,
+) -> None:
+    """Fit and calibrate detectors; `mlaas serve --detector NAME` finds them."""
+    from defense.training import TRAINABLE, train_detectors
+    from mlaas.datasets import DatasetUnavailable
+
+    chosen = list(TRAINABLE) if names == ["all"] else names
+    try:
+        with err.status(f"training {', '.join(chosen)}"):
+            reports = train_detectors(
+                chosen,
+                victim,
+                outliers=outliers,
+                size=size,
+                false_alarm_rate=false_alarm_rate,
+                stream_length=stream_length,
+                out_dir=out,
+                seed=seed,
+            )
+    except (DatasetUnavailable, FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    for name, meta in reports.items():
+        auc = f", held-out AUC {meta['held_out_auc']:.4f}" if "held_out_auc" in meta else ""
+        err.print(
+            f"[green]{name}[/]: CUSUM drift {meta['drift']:.4g}, threshold "
+            f"{meta['threshold']:.4g} (false-alarm rate {meta['false_alarm_rate']} per "
+            f"{meta['stream_length']} queries){auc}"
+        )
+
+
+@app.command("alerts")
+def alerts(
+    client: Annotated[str | None, typer.Option(help="Only this client's alerts")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="ISO time or span back from now: 15m, 2h, 7d")
+    ] = None,
+    fmt: Annotated[Format, typer.Option("--format")] = Format.table,
+) -> None:
+    """Show the detectors' alerts, oldest first."""
+    from server.querylog import fetch_alerts
+
+    engine = _database(_server_settings())
+    rows = fetch_alerts(
+        engine, client=client, since=parse_since(since) if since else None, limit=None
+    )
+    _emit(
+        rows,
+        fmt,
+        columns=["time", "client", "detector", "query_count", "score", "threshold", "action"],
+    )
 
 
 @app.command("demo")

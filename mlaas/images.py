@@ -106,3 +106,20 @@ def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.T
     """
     batch = torch.from_numpy(np.ascontiguousarray(as_nhwc(images))).to(device, non_blocking=True)
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def mild_variations(
+    images: np.ndarray, rng: np.random.Generator, max_shift: int = 2, noise: float = 4.0
+) -> np.ndarray:
+    """What benign users' photos of the same things look like: small shifts, a brightness
+    change of up to 10 %, a little sensor noise. Used to simulate and calibrate on benign
+    streams that are not pixel-identical to the data set."""
+    images = as_nhwc(np.asarray(images))
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
+        shifted = np.roll(image, (int(dy), int(dx)), axis=(0, 1))
+        varied = shifted.astype(np.float32) * rng.uniform(0.9, 1.1)
+        varied += rng.normal(0.0, noise, size=varied.shape)
+        out[i] = np.clip(np.rint(varied), 0, 255).astype(np.uint8)
+    return out

@@ -15,6 +15,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from defense.detectors import load_detector
+from defense.monitor import Monitor, Policy
+from defense.perturb import Perturbation
+from defense.state import MemoryStore, RedisStore
 from server.db import init_db, make_engine
 from server.errors import error_response, install_error_handlers
 from server.inference import MicroBatcher, Victim
@@ -22,11 +26,23 @@ from server.inputs import BodySizeLimit, BodyTooLarge, Limits
 from server.keys import KeyStore
 from server.querylog import QueryLogWriter
 from server.routes import admin_router, public_router
-from server.settings import ServerSettings
+from server.settings import ServerSettings, parse_deception
 from server.shaping import Granularity
 from server.state import CountRejections, ServiceState
 
 log = logging.getLogger(__name__)
+
+
+def build_monitor(settings: ServerSettings) -> Monitor | None:
+    """The detectors the settings name, on in-process or Redis state; None when there are none."""
+    if not settings.detector_names:
+        return None
+    detectors = [
+        load_detector(name, settings.resolved_defense_dir, prada_delta=settings.prada_delta)
+        for name in settings.detector_names
+    ]
+    store = RedisStore(settings.redis_url) if settings.redis_url else MemoryStore()
+    return Monitor(detectors, store, Policy(settings.policy))
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
@@ -49,6 +65,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             flush_rows=settings.log_flush_rows,
             flush_interval_s=settings.log_flush_interval_ms / 1000.0,
         )
+        monitor = await asyncio.to_thread(build_monitor, settings)
         batcher.start()
         app.state.service = ServiceState(
             settings=settings,
@@ -59,13 +76,19 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             writer=writer,
             granularity=granularity,
             limits=Limits(settings.max_images_per_request, settings.max_image_pixels),
+            monitor=monitor,
+            perturbation=Perturbation.parse(settings.perturbation),
+            deception=parse_deception(settings.deceive),
         )
         log.info(
-            "serving %s (%s) on %s, granularity %s",
+            "serving %s (%s) on %s, granularity %s, detectors %s (policy %s, state %s)",
             victim.card.name,
             victim.card.architecture,
             victim.device,
             granularity,
+            ", ".join(settings.detector_names) or "none",
+            settings.policy,
+            "redis" if settings.redis_url else "in-process",
         )
         try:
             yield
@@ -73,6 +96,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             await batcher.stop()
             await asyncio.to_thread(writer.close)
             log.info("query log flushed: %d rows written", writer.written)
+            if monitor is not None:
+                monitor.store.close()
             engine.dispose()
 
     app = FastAPI(

@@ -83,6 +83,21 @@ class QueryRecord(Base):
     __table_args__ = (Index("ix_queries_client_time", "client", "created_at"),)
 
 
+class AlertRecord(Base):
+    """A detector's alarm on a client: when, after how many of its queries, and what was done."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    client: Mapped[str] = mapped_column(String(128), index=True)
+    detector: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    query_count: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    action: Mapped[str] = mapped_column(String(32))
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the settings this workload needs on each backend."""
     parsed = make_url(url)

@@ -1,4 +1,4 @@
-"""The query log: one row per answered query, written off the request path.
+"""The query log (one row per answered query) and the alerts, written off the request path.
 
 The request handler hands the writer plain arrays and dicts; a background thread does the
 costly part (PNG encoding, hashing, the database round trip) in batches. Rows are never
@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, defer
 
 from mlaas.wire import encode_png
-from server.db import QueryRecord
+from server.db import AlertRecord, QueryRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,17 @@ class PendingQuery:
     latency_ms: float
     granularity: str
     scores: dict[str, Any] | None = None
+
+
+@dataclass
+class PendingAlert:
+    client: str
+    detector: str
+    created_at: datetime
+    query_count: int
+    score: float
+    threshold: float
+    action: str
 
 
 def _to_row(query: PendingQuery, store_input: bool) -> dict[str, Any]:
@@ -87,6 +98,7 @@ class QueryLogWriter:
         self._thread = threading.Thread(target=self._run, name="query-log-writer", daemon=True)
         self._closed = False
         self.written = 0
+        self.alerts_written = 0
         self.write_errors = 0
         self._thread.start()
 
@@ -98,10 +110,10 @@ class QueryLogWriter:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, queries: Sequence[PendingQuery]) -> None:
+    def submit(self, items: Sequence[PendingQuery | PendingAlert]) -> None:
         if self._closed:
             raise RuntimeError("the query log writer is closed")
-        for item in queries:
+        for item in items:
             self._queue.put(item)
 
     def close(self, timeout: float | None = None) -> None:
@@ -115,7 +127,7 @@ class QueryLogWriter:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch: list[PendingQuery] = []
+            batch: list[PendingQuery | PendingAlert] = []
             deadline = None
             while len(batch) < self._flush_rows:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -132,14 +144,19 @@ class QueryLogWriter:
             if batch:
                 self._write(batch)
 
-    def _write(self, batch: list[PendingQuery]) -> None:
-        rows = [_to_row(q, self._store_inputs) for q in batch]
+    def _write(self, batch: list[PendingQuery | PendingAlert]) -> None:
+        rows = [_to_row(q, self._store_inputs) for q in batch if isinstance(q, PendingQuery)]
+        alerts = [asdict(a) for a in batch if isinstance(a, PendingAlert)]
         delay = 0.05
         while True:
             try:
                 with Session(self._engine) as session, session.begin():
-                    session.execute(insert(QueryRecord), rows)
+                    if rows:
+                        session.execute(insert(QueryRecord), rows)
+                    if alerts:
+                        session.execute(insert(AlertRecord), alerts)
                 self.written += len(rows)
+                self.alerts_written += len(alerts)
                 return
             except Exception:
                 # Keep the rows and try again: losing answered queries would blind the log.
@@ -199,3 +216,34 @@ def count_queries(engine: Engine, client: str | None = None) -> int:
         statement = statement.where(QueryRecord.client == client)
     with Session(engine) as session:
         return int(session.scalar(statement) or 0)
+
+
+def fetch_alerts(
+    engine: Engine,
+    *,
+    client: str | None = None,
+    since: datetime | None = None,
+    limit: int | None = 100,
+) -> list[dict[str, Any]]:
+    statement = select(AlertRecord)
+    if client is not None:
+        statement = statement.where(AlertRecord.client == client)
+    if since is not None:
+        statement = statement.where(AlertRecord.created_at >= since)
+    statement = statement.order_by(AlertRecord.created_at, AlertRecord.id)
+    if limit is not None:
+        statement = statement.limit(limit)
+    with Session(engine) as session:
+        return [
+            {
+                "id": a.id,
+                "client": a.client,
+                "detector": a.detector,
+                "time": a.created_at.isoformat(),
+                "query_count": a.query_count,
+                "score": a.score,
+                "threshold": a.threshold,
+                "action": a.action,
+            }
+            for a in session.scalars(statement)
+        ]

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import time
 import uuid
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from defense.detectors import Observation
+from defense.monitor import Policy
 from mlaas.wire import NPY_MEDIA_TYPE, ErrorBody, ModelInfo, PredictResponse
 from server.errors import ApiError
 from server.inputs import (
@@ -28,7 +31,8 @@ from server.inputs import (
     media_type,
 )
 from server.keys import Client, DuplicateClient, KeyStoreError
-from server.querylog import PendingQuery, fetch_queries
+from server.querylog import PendingAlert, PendingQuery, count_queries, fetch_alerts, fetch_queries
+from server.shaping import Granularity
 from server.state import ServiceState, get_state
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `mlaas keys create`")
@@ -170,6 +174,7 @@ async def predict(
 ) -> PredictResponse:
     started = time.perf_counter()
     state = get_state(request)
+    await _refuse_blocked(state, client)
     batch = await _read_batch(request, state)
     if idempotency_key is None:
         return await _answer(state, client, batch, started)
@@ -182,16 +187,44 @@ async def predict(
     return answer
 
 
+async def _refuse_blocked(state: ServiceState, client: Client) -> None:
+    monitor = state.monitor
+    if monitor is None or monitor.policy is not Policy.block:
+        return
+    status = await run_in_threadpool(monitor.status, client.name)
+    if status.flagged:
+        raise ApiError(
+            403,
+            "client_blocked",
+            f"this client is blocked: flagged by {', '.join(status.flagged_by)} as a likely "
+            "model-extraction attempt",
+        )
+
+
 async def _answer(
     state: ServiceState, client: Client, batch: DecodedBatch, started: float
 ) -> PredictResponse:
     output = await state.batcher.submit(batch.images)
+    probs = state.perturbation.apply(output.probs, state.rng)
     granularity = client.granularity or state.granularity
+    scores: list[dict[str, float | None]] | None = None
+    alerts: list[PendingAlert] = []
+    if state.monitor is not None:
+        observation = Observation(batch.images, output.logits, output.probs, output.features)
+        verdict = await run_in_threadpool(state.monitor.observe, client.name, observation)
+        scores = verdict.scores
+        alerts = [PendingAlert(**asdict(alert)) for alert in verdict.alerts]
+        if verdict.status.flagged and state.monitor.policy is Policy.deceive:
+            if isinstance(state.deception, Granularity):
+                granularity = state.deception
+            else:
+                probs = state.deception.apply(probs, state.rng)
     query_ids = [uuid.uuid4().hex for _ in range(len(output))]
-    predictions = granularity.shape(output.probs, state.victim.classes, query_ids)
+    predictions = granularity.shape(probs, state.victim.classes, query_ids)
     answered_at = datetime.now(UTC)
     latency_ms = (time.perf_counter() - started) * 1000.0
     spec = str(granularity)
+    predicted = output.probs.argmax(axis=1)
     state.writer.submit(
         [
             PendingQuery(
@@ -200,15 +233,17 @@ async def _answer(
                 created_at=answered_at,
                 image=image,
                 input_shape=sent_shape,
-                predicted=prediction.label,
+                predicted=int(label),
                 payload=prediction.model_dump(exclude={"query_id"}),
                 latency_ms=latency_ms,
                 granularity=spec,
+                scores=scores[i] if scores is not None else None,
             )
-            for prediction, image, sent_shape in zip(
-                predictions, batch.images, batch.original_shapes, strict=True
+            for i, (prediction, image, sent_shape, label) in enumerate(
+                zip(predictions, batch.images, batch.original_shapes, predicted, strict=True)
             )
         ]
+        + alerts
     )
     return PredictResponse(model=state.victim.card.name, granularity=spec, predictions=predictions)
 
@@ -315,5 +350,46 @@ def stats(request: Request) -> dict[str, Any]:
         "images": state.batcher.images,
         "log_rows_written": state.writer.written,
         "log_rows_pending": state.writer.pending,
+        "alerts_written": state.writer.alerts_written,
+        "detectors": [d.name for d in state.monitor.detectors] if state.monitor else [],
         "rejected_by_status": dict(state.rejected),
+    }
+
+
+@admin_router.get("/alerts", dependencies=[Depends(require_admin)], summary="Detector alerts")
+def list_alerts(
+    request: Request,
+    client: str | None = None,
+    since: datetime | None = Query(default=None, description="ISO 8601 time, inclusive"),
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> list[dict[str, Any]]:
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    return fetch_alerts(get_state(request).engine, client=client, since=since, limit=limit)
+
+
+@admin_router.get(
+    "/clients/{name}", dependencies=[Depends(require_admin)], summary="One client's standing"
+)
+def client_standing(request: Request, name: str) -> dict[str, Any]:
+    state = get_state(request)
+    known = {k.name: k for k in state.keys.list()}
+    if name not in known:
+        raise ApiError(404, "unknown_client", f"no client named {name!r}")
+    key = known[name]
+    monitor = state.monitor
+    status = monitor.status(name) if monitor is not None else None
+    if key.revoked_at is not None:
+        standing = "revoked"
+    elif status is not None and status.flagged:
+        standing = {"block": "blocked", "deceive": "deceived"}.get(monitor.policy.value, "flagged")
+    else:
+        standing = "active"
+    return {
+        "client": name,
+        "status": standing,
+        "granularity": key.granularity or str(state.granularity),
+        "queries_logged": count_queries(state.engine, name),
+        "monitor": status.to_dict() if status is not None else None,
+        "alerts": fetch_alerts(state.engine, client=name, limit=None),
     }

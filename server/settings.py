@@ -17,8 +17,25 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from defense.detectors import DETECTORS
+from defense.monitor import Policy
+from defense.perturb import Perturbation
 from mlaas.config import CommonSettings
 from server.shaping import Granularity
+
+
+def parse_deception(spec: str) -> Perturbation | Granularity:
+    """The ``deceive`` action: a perturbation, or else a (coarser) granularity."""
+    try:
+        return Perturbation.parse(spec)
+    except ValueError:
+        pass
+    try:
+        return Granularity.parse(spec)
+    except ValueError:
+        raise ValueError(
+            f"deceive {spec!r}: a perturbation (reverse-sigmoid:B:G, noise:S) or a granularity"
+        ) from None
 
 
 class ServerSettings(CommonSettings):
@@ -45,6 +62,23 @@ class ServerSettings(CommonSettings):
         default=2.0, ge=0, description="How long a forward pass waits for company"
     )
 
+    detectors: str = Field(
+        default="", description="Comma-separated: ood-binary, msp, mahalanobis, prada"
+    )
+    policy: str = Field(default="monitor", description="monitor, block or deceive")
+    deceive: str = Field(
+        default="reverse-sigmoid:0.7:0.4",
+        description="What a deceived client gets: a perturbation or a granularity",
+    )
+    perturbation: str = Field(default="none", description="Applied to every answer")
+    defense_dir: Path | None = Field(
+        default=None, description="Detector artifacts; default: <victim_dir>/defense"
+    )
+    prada_delta: float = Field(default=0.95, gt=0, lt=1)
+    redis_url: str | None = Field(
+        default=None, description="Shared per-client detector state; default: in-process"
+    )
+
     log_inputs: bool = Field(default=True, description="Store each query's input as PNG")
     log_flush_rows: int = Field(default=512, ge=1)
     log_flush_interval_ms: float = Field(default=100.0, gt=0)
@@ -53,6 +87,40 @@ class ServerSettings(CommonSettings):
     @classmethod
     def _valid_granularity(cls, value: str) -> str:
         return str(Granularity.parse(value))
+
+    @field_validator("detectors")
+    @classmethod
+    def _known_detectors(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        unknown = [n for n in names if n not in DETECTORS]
+        if unknown:
+            raise ValueError(f"unknown detector {unknown[0]!r}; choose from {', '.join(DETECTORS)}")
+        if len(set(names)) != len(names):
+            raise ValueError("a detector is listed twice")
+        return ",".join(names)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        return Policy(value.strip().lower()).value
+
+    @field_validator("perturbation")
+    @classmethod
+    def _valid_perturbation(cls, value: str) -> str:
+        return str(Perturbation.parse(value))
+
+    @field_validator("deceive")
+    @classmethod
+    def _valid_deception(cls, value: str) -> str:
+        return str(parse_deception(value))
+
+    @property
+    def detector_names(self) -> list[str]:
+        return [n for n in self.detectors.split(",") if n]
+
+    @property
+    def resolved_defense_dir(self) -> Path:
+        return self.defense_dir if self.defense_dir is not None else self.victim_dir / "defense"
 
     @property
     def resolved_database_url(self) -> str:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 from fastapi import Request
 from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from defense.monitor import Monitor
+from defense.perturb import Perturbation
 from server.idempotency import IdempotencyCache
 from server.inference import MicroBatcher, Victim
 from server.inputs import Limits
@@ -28,6 +31,10 @@ class ServiceState:
     writer: QueryLogWriter
     granularity: Granularity
     limits: Limits
+    monitor: Monitor | None = None
+    perturbation: Perturbation = field(default_factory=Perturbation)
+    deception: Perturbation | Granularity = field(default_factory=Perturbation)
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
     idempotency: IdempotencyCache = field(default_factory=IdempotencyCache)
     rejected: Counter[str] = field(default_factory=Counter)
     """Refused requests by HTTP status: counted, never logged as answered queries."""

@@ -1,0 +1,299 @@
+"""Detectors: each scores every query of a client and decides, per client, when to alarm.
+
+All detectors share one interface. They read what the victim's single forward pass already
+computed (logits, probabilities, penultimate features) or the input itself, update the
+client's state, and report per-query scores, their decision statistic and the query, if any,
+at which the client crossed the line.
+
+* ``ood-binary``   Atli et al.'s defense: a binary classifier on the victim's penultimate
+                   features, in-distribution vs natural out-of-distribution images, whose
+                   log-odds feed a per-client CUSUM.
+* ``msp``          maximum softmax probability (Hendrycks & Gimpel), ``1 - max p``, + CUSUM.
+* ``mahalanobis``  class-conditional Gaussians with a shared covariance on the features
+                   (Lee et al.), the smallest Mahalanobis distance, + CUSUM.
+* ``prada``        PRADA (Juuti et al.): per predicted class, a growing set of the client's
+                   queries and each new query's minimum L2 distance to it; the Shapiro-Wilk
+                   statistic of those distances below ``delta`` is an attack.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from scipy import stats
+
+from defense.sequential import Cusum
+
+State = dict[str, np.ndarray]
+
+
+def encode_state(state: State) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **state)
+    return buffer.getvalue()
+
+
+def decode_state(data: bytes) -> State:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+@dataclass
+class Observation:
+    """One client's batch, as the victim's forward pass saw it."""
+
+    images: np.ndarray  # uint8 (N, H, W, C), the model's input
+    logits: np.ndarray  # float32 (N, K)
+    probs: np.ndarray  # float32 (N, K)
+    features: np.ndarray  # float32 (N, D)
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class DetectorResult:
+    scores: np.ndarray  # per query; NaN where the detector has none yet
+    statistic: float  # the decision statistic after the batch
+    threshold: float
+    alarm_at: int | None  # index in the batch of the first query past the threshold
+
+
+class Detector(ABC):
+    name: ClassVar[str]
+    needs_training: ClassVar[bool] = False
+
+    @abstractmethod
+    def initial_state(self) -> State: ...
+
+    @abstractmethod
+    def observe(self, state: State, batch: Observation) -> DetectorResult:
+        """Score ``batch`` and update ``state`` in place."""
+
+
+class CusumDetector(Detector):
+    """A per-query out-of-distribution score accumulated by CUSUM per client."""
+
+    def __init__(self, cusum: Cusum) -> None:
+        self.cusum = cusum
+
+    @abstractmethod
+    def score(self, batch: Observation) -> np.ndarray: ...
+
+    def initial_state(self) -> State:
+        return {"statistic": np.zeros(())}
+
+    def observe(self, state: State, batch: Observation) -> DetectorResult:
+        scores = self.score(batch).astype(np.float64)
+        path, alarm = self.cusum.run(float(state["statistic"]), scores)
+        state["statistic"] = np.array(path[-1] if len(path) else state["statistic"])
+        return DetectorResult(scores, float(state["statistic"]), self.cusum.threshold, alarm)
+
+
+class MaxSoftmax(CusumDetector):
+    name = "msp"
+    needs_training = True  # nothing to fit, but its CUSUM is calibrated on benign queries
+
+    @staticmethod
+    def raw_score(probs: np.ndarray) -> np.ndarray:
+        return 1.0 - probs.max(axis=1)
+
+    def score(self, batch: Observation) -> np.ndarray:
+        return self.raw_score(batch.probs)
+
+
+class Mahalanobis(CusumDetector):
+    name = "mahalanobis"
+    needs_training = True
+
+    def __init__(self, cusum: Cusum, means: np.ndarray, precision: np.ndarray) -> None:
+        super().__init__(cusum)
+        self.means = means.astype(np.float64)
+        self.precision = precision.astype(np.float64)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Class means and the precision of the shared (tied) covariance, as Lee et al."""
+        features = features.astype(np.float64)
+        classes = np.unique(labels)
+        means = np.stack([features[labels == c].mean(axis=0) for c in classes])
+        centred = features - means[np.searchsorted(classes, labels)]
+        covariance = centred.T @ centred / len(features)
+        # A little shrinkage: penultimate features are often rank-deficient (ReLU zeros).
+        covariance += np.eye(len(covariance)) * 1e-3 * np.trace(covariance) / len(covariance)
+        return means, np.linalg.inv(covariance)
+
+    @staticmethod
+    def distances(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+        diffs = features.astype(np.float64)[:, None, :] - means[None, :, :]
+        squared = np.einsum("nkd,de,nke->nk", diffs, precision, diffs)
+        return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+
+    def score(self, batch: Observation) -> np.ndarray:
+        return self.distances(batch.features, self.means, self.precision)
+
+
+class OodBinary(CusumDetector):
+    name = "ood-binary"
+    needs_training = True
+    CLIP = 30.0
+
+    def __init__(
+        self, cusum: Cusum, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, bias: float
+    ) -> None:
+        super().__init__(cusum)
+        self.mean, self.scale, self.coef, self.bias = mean, scale, coef, bias
+
+    @staticmethod
+    def log_odds(
+        features: np.ndarray, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, bias: float
+    ) -> np.ndarray:
+        """Log-odds that each query is out of distribution, clipped: one absurd query must not
+        outweigh a stream."""
+        standardised = (features.astype(np.float64) - mean) / scale
+        return np.clip(standardised @ coef + bias, -OodBinary.CLIP, OodBinary.CLIP)
+
+    def score(self, batch: Observation) -> np.ndarray:
+        return self.log_odds(batch.features, self.mean, self.scale, self.coef, self.bias)
+
+
+class Prada(Detector):
+    name = "prada"
+
+    def __init__(self, delta: float = 0.95, min_distances: int = 100) -> None:
+        if not 0 < delta < 1:
+            raise ValueError("PRADA's delta is a Shapiro-Wilk statistic, in (0, 1)")
+        self.delta = delta
+        self.min_distances = min_distances
+
+    def initial_state(self) -> State:
+        return {
+            "growing": np.zeros((0, 0), dtype=np.uint8),  # the growing sets' queries, flattened
+            "growing_class": np.zeros(0, dtype=np.int64),
+            "growing_distance": np.zeros(0, dtype=np.float64),  # d_min when each was added
+            "class_threshold": np.zeros(0, dtype=np.float64),
+            "distances": np.zeros(0, dtype=np.float64),  # every d_min: what is tested
+            "alarmed": np.zeros((), dtype=bool),
+        }
+
+    def observe(self, state: State, batch: Observation) -> DetectorResult:
+        flat = batch.images.reshape(len(batch), -1)
+        x = flat.astype(np.float32) / 255.0
+        labels = batch.probs.argmax(axis=1)
+        classes = batch.probs.shape[1]
+        growing = state["growing"]
+        if growing.size == 0:
+            growing = np.zeros((0, flat.shape[1]), dtype=np.uint8)
+        threshold = state["class_threshold"]
+        if len(threshold) < classes:
+            threshold = np.concatenate([threshold, np.zeros(classes - len(threshold))])
+        growing_class = state["growing_class"]
+        growing_distance = state["growing_distance"]
+        # Distances to the stored sets in one GEMM: |a-b|^2 = |a|^2 + |b|^2 - 2ab.
+        stored = growing.astype(np.float32) / 255.0
+        to_stored = _pairwise(x, stored)
+        stored_class = growing_class  # the classes of to_stored's columns; additions go below
+        within = _pairwise(x, x)
+        added: list[int] = []
+        new_distances = np.full(len(batch), np.nan)
+        for i, label in enumerate(labels):
+            candidates = to_stored[i, stored_class == label]
+            earlier = [j for j in added if labels[j] == label]
+            if earlier:
+                candidates = np.concatenate([candidates, within[i, earlier]])
+            if len(candidates) == 0:
+                added.append(i)
+                growing_distance = np.append(growing_distance, 0.0)
+                growing_class = np.append(growing_class, label)
+                continue
+            d_min = float(candidates.min())
+            new_distances[i] = d_min
+            if d_min > threshold[label]:
+                added.append(i)
+                growing_class = np.append(growing_class, label)
+                growing_distance = np.append(growing_distance, d_min)
+                mine = growing_distance[(growing_class == label) & (growing_distance > 0)]
+                threshold[label] = max(threshold[label], mine.mean() - mine.std())
+        state["growing"] = np.concatenate([growing, flat[added]]) if added else growing
+        state["growing_class"] = growing_class
+        state["growing_distance"] = growing_distance
+        state["class_threshold"] = threshold
+        before = len(state["distances"])
+        distances = np.concatenate([state["distances"], new_distances[~np.isnan(new_distances)]])
+        state["distances"] = distances
+        statistic = self._shapiro(distances)
+        alarm = None
+        if statistic < self.delta and not bool(state["alarmed"]):
+            state["alarmed"] = np.array(True)
+            alarm = self._first_alarm(distances, before, new_distances)
+        return DetectorResult(new_distances, statistic, self.delta, alarm)
+
+    def _shapiro(self, distances: np.ndarray) -> float:
+        if len(distances) < self.min_distances or np.ptp(distances) == 0:
+            return float("nan") if len(distances) < self.min_distances else 0.0
+        return float(stats.shapiro(distances).statistic)
+
+    def _first_alarm(self, distances: np.ndarray, before: int, new: np.ndarray) -> int:
+        """The query in this batch whose distance first took W under delta."""
+        positions = np.flatnonzero(~np.isnan(new))
+        for offset, index in enumerate(positions, start=1):
+            if self._shapiro(distances[: before + offset]) < self.delta:
+                return int(index)
+        return int(positions[-1]) if len(positions) else 0
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if len(b) == 0:
+        return np.zeros((len(a), 0), dtype=np.float32)
+    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+# ------------------------------------------------------------------------- artifacts
+DETECTORS = ("ood-binary", "msp", "mahalanobis", "prada")
+
+
+def artifact_path(directory: Path, name: str) -> Path:
+    return Path(directory) / f"{name}.npz"
+
+
+def save_artifact(directory: Path, name: str, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = artifact_path(directory, name)
+    with path.open("wb") as handle:
+        np.savez(handle, meta=np.array(json.dumps(meta)), **arrays)
+    return path
+
+
+def load_artifact(directory: Path, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    path = artifact_path(directory, name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"detector {name!r} has no artifact at {path}: run `mlaas defense train {name} "
+            f"--victim <victim dir>` first"
+        )
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files if k != "meta"}
+        meta = json.loads(str(archive["meta"]))
+    return arrays, meta
+
+
+def load_detector(name: str, directory: Path, *, prada_delta: float = 0.95) -> Detector:
+    """A ready detector; those that need training read their artifact from ``directory``."""
+    if name == "prada":
+        return Prada(delta=prada_delta)
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
+    arrays, meta = load_artifact(directory, name)
+    cusum = Cusum(drift=meta["drift"], threshold=meta["threshold"])
+    if name == "msp":
+        return MaxSoftmax(cusum)
+    if name == "mahalanobis":
+        return Mahalanobis(cusum, arrays["means"], arrays["precision"])
+    return OodBinary(cusum, arrays["mean"], arrays["scale"], arrays["coef"], float(arrays["bias"]))

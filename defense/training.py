@@ -1,0 +1,155 @@
+"""Fitting and calibrating the detectors that need it: what ``mlaas defense train`` runs.
+
+Data, all of it the provider's own:
+* in-distribution: a seeded sample of the victim's training split (what the classifier knows);
+* out-of-distribution (``ood-binary`` only): a registered data set, ``natural-crops`` by
+  default, the offline stand-in for the natural images Knockoff nets queries with;
+* calibration: the victim's test split with mild natural variations (shifts, brightness,
+  noise), as benign users' queries look. The CUSUM threshold is set so that a benign client
+  sending ``stream_length`` queries alarms with probability ``false_alarm_rate``.
+
+Artifacts are ``.npz`` files (arrays and a JSON header, no pickles) in
+``<victim>/defense/``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from defense.detectors import (
+    DETECTORS,
+    Mahalanobis,
+    MaxSoftmax,
+    OodBinary,
+    save_artifact,
+)
+from defense.sequential import calibrate_cusum
+from mlaas.datasets import ImageSet, load_dataset
+from mlaas.images import mild_variations, to_tensor
+from mlaas.models import Classifier
+from mlaas.modelstore import load_model
+
+TRAINABLE = ("ood-binary", "msp", "mahalanobis")
+
+
+def forward(model: Classifier, images: ImageSet | np.ndarray, batch: int = 512):
+    """Probabilities and penultimate features, as the server computes them."""
+    probs, features = [], []
+    count = len(images)
+    with torch.inference_mode():
+        for start in range(0, count, batch):
+            index = np.arange(start, min(start + batch, count))
+            chunk = images.get_batch(index) if isinstance(images, ImageSet) else images[index]
+            logits, feats = model.forward_with_features(to_tensor(chunk))
+            probs.append(torch.softmax(logits, 1).numpy())
+            features.append(feats.flatten(1).numpy())
+    return np.concatenate(probs), np.concatenate(features)
+
+
+def _indices(total: int, size: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(total, min(size, total), replace=False))
+
+
+def _sample(images: ImageSet, size: int, seed: int) -> np.ndarray:
+    return images.get_batch(_indices(len(images), size, seed))
+
+
+def train_detectors(
+    names: list[str],
+    victim_dir: Path,
+    *,
+    outliers: str = "natural-crops",
+    size: int = 10_000,
+    false_alarm_rate: float = 0.001,
+    stream_length: int = 1000,
+    out_dir: Path | None = None,
+    seed: int = 0,
+) -> dict[str, dict]:
+    for name in names:
+        if name not in TRAINABLE:
+            raise ValueError(
+                f"{name!r} needs no training"
+                if name in DETECTORS
+                else f"unknown detector {name!r}; trainable: {', '.join(TRAINABLE)}"
+            )
+    out_dir = out_dir or Path(victim_dir) / "defense"
+    model, card = load_model(victim_dir)
+    dataset = card.dataset.split(":")[0]
+    shape = card.shape
+    train_set = load_dataset(f"{dataset}:train", shape)
+    in_index = _indices(len(train_set), size, seed)
+    in_images = train_set.get_batch(in_index)
+    in_labels = np.asarray(train_set.labels)[in_index]
+    _, in_features = forward(model, in_images)
+    calibration = mild_variations(
+        _sample(load_dataset(f"{dataset}:test", shape), size, seed + 1),
+        np.random.default_rng(seed + 2),
+    )
+    cal_probs, cal_features = forward(model, calibration)
+    reports = {}
+    for name in names:
+        started = time.perf_counter()
+        meta: dict = {
+            "detector": name,
+            "victim": card.name,
+            "in_distribution": f"{dataset}:train ({len(in_images)})",
+            "calibration": f"{dataset}:test with mild variations ({len(calibration)})",
+            "false_alarm_rate": false_alarm_rate,
+            "stream_length": stream_length,
+        }
+        arrays: dict[str, np.ndarray] = {}
+        if name == "msp":
+            benign = MaxSoftmax.raw_score(cal_probs)
+        elif name == "mahalanobis":
+            means, precision = Mahalanobis.fit(in_features, in_labels)
+            arrays = {"means": means, "precision": precision}
+            benign = Mahalanobis.distances(cal_features, means, precision)
+        else:
+            out_images = _sample(load_dataset(outliers, shape, seed=seed), size, seed)
+            _, out_features = forward(model, out_images)
+            scaler = StandardScaler().fit(np.concatenate([in_features, out_features]))
+            classifier = LogisticRegression(max_iter=2000, C=1.0)
+            classifier.fit(
+                scaler.transform(np.concatenate([in_features, out_features])),
+                np.r_[np.zeros(len(in_features)), np.ones(len(out_features))],
+            )
+            arrays = {
+                "mean": scaler.mean_,
+                "scale": scaler.scale_,
+                "coef": classifier.coef_[0],
+                "bias": np.array(classifier.intercept_[0]),
+            }
+            benign = OodBinary.log_odds(cal_features, **_args(arrays))
+            held_out = _sample(load_dataset(outliers, shape, seed=seed + 1000), 2000, seed + 3)
+            _, held_features = forward(model, held_out)
+            foreign = OodBinary.log_odds(held_features, **_args(arrays))
+            meta["outliers"] = outliers
+            meta["held_out_auc"] = float(
+                roc_auc_score(
+                    np.r_[np.zeros(len(benign)), np.ones(len(foreign))], np.r_[benign, foreign]
+                )
+            )
+        cusum = calibrate_cusum(
+            benign, false_alarm_rate=false_alarm_rate, stream_length=stream_length, seed=seed
+        )
+        meta.update(drift=cusum.drift, threshold=cusum.threshold)
+        meta["seconds"] = round(time.perf_counter() - started, 2)
+        save_artifact(out_dir, name, arrays, meta)
+        reports[name] = meta
+    return reports
+
+
+def _args(arrays: dict[str, np.ndarray]) -> dict:
+    return {
+        "mean": arrays["mean"],
+        "scale": arrays["scale"],
+        "coef": arrays["coef"],
+        "bias": float(arrays["bias"]),
+    }
