@@ -184,7 +184,9 @@ class Prada(Detector):
 
     def observe(self, state: State, batch: Observation) -> DetectorResult:
         flat = batch.images.reshape(len(batch), -1)
-        x = flat.astype(np.float32) / 255.0
+        # float64: |a|^2 + |b|^2 - 2ab cancels badly for near-duplicates in float32, and
+        # near-duplicates are exactly what PRADA looks for.
+        x = flat.astype(np.float64) / 255.0
         labels = batch.probs.argmax(axis=1)
         classes = batch.probs.shape[1]
         growing = state["growing"]
@@ -196,7 +198,7 @@ class Prada(Detector):
         growing_class = state["growing_class"]
         growing_distance = state["growing_distance"]
         # Distances to the stored sets in one GEMM: |a-b|^2 = |a|^2 + |b|^2 - 2ab.
-        stored = growing.astype(np.float32) / 255.0
+        stored = growing.astype(np.float64) / 255.0
         to_stored = _pairwise(x, stored)
         stored_class = growing_class  # the classes of to_stored's columns; additions go below
         within = _pairwise(x, x)
@@ -250,7 +252,7 @@ class Prada(Detector):
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if len(b) == 0:
-        return np.zeros((len(a), 0), dtype=np.float32)
+        return np.zeros((len(a), 0), dtype=a.dtype)
     squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
     return np.sqrt(np.maximum(squared, 0.0))
 

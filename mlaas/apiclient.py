@@ -6,6 +6,7 @@ resumable cache on top. It knows the server only through the wire schema.
 
 from __future__ import annotations
 
+import time
 from types import TracebackType
 from typing import Any, Self
 
@@ -101,3 +102,12 @@ class AdminClient(_Base):
         response = self._http.get("/admin/stats")
         raise_for_error(response)
         return response.json()
+
+    def wait_for_log(self, rows: int, timeout: float = 10.0) -> bool:
+        """The log is written off the request path: wait until it holds ``rows`` rows."""
+        deadline = time.monotonic() + timeout
+        while self.stats()["log_rows_written"] < rows:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True

@@ -85,7 +85,7 @@ def run_demo(
                 rate = answered / max(time.perf_counter() - started, 1e-9)
                 progress.update(task, advance=len(chunk), rate=rate)
         seconds = time.perf_counter() - started
-        _wait_for_log(admin, answered)
+        admin.wait_for_log(answered)
         tail = admin.queries(client=BENIGN_CLIENT, limit=1000)[-8:]
     exit_code = server.stop()
     from server.db import make_engine  # read the log as the provider left it
@@ -104,13 +104,6 @@ def run_demo(
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     _show(out, tail, summary, database)
     return summary
-
-
-def _wait_for_log(admin: AdminClient, rows: int, timeout: float = 10.0) -> None:
-    """The log is written off the request path: wait until it holds what was answered."""
-    deadline = time.monotonic() + timeout
-    while admin.stats()["log_rows_written"] < rows and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _progress(console: Console) -> Progress:

@@ -1,0 +1,234 @@
+"""Detectors on streams where the answer is known, state stores, perturbations."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import redis
+from scipy import stats
+
+from defense.detectors import MaxSoftmax, Observation, Prada, decode_state, encode_state
+from defense.monitor import Monitor, Policy
+from defense.perturb import Perturbation, reverse_sigmoid
+from defense.sequential import Cusum, calibrate_cusum
+from defense.state import MemoryStore, RedisStore
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def observation(images: np.ndarray, labels: np.ndarray, classes: int = 3) -> Observation:
+    probs = np.full((len(labels), classes), 0.05, dtype=np.float32)
+    probs[np.arange(len(labels)), labels] = 1.0 - 0.05 * (classes - 1)
+    features = np.zeros((len(labels), 4), dtype=np.float32)
+    return Observation(images, np.log(probs), probs, features)
+
+
+# ------------------------------------------------------------------ CUSUM
+
+
+def test_cusum_accumulates_only_above_the_drift() -> None:
+    cusum = Cusum(drift=1.0, threshold=5.0)
+    path, alarm = cusum.run(0.0, np.array([0.0, 3.0, 3.0, 0.5, 3.0, 3.0]))
+    np.testing.assert_allclose(path, [0.0, 2.0, 4.0, 3.5, 5.5, 7.5])
+    assert alarm == 4  # the first sum past 5
+
+
+def test_calibrated_threshold_holds_its_false_alarm_rate_and_catches_a_shift() -> None:
+    rng = np.random.default_rng(0)
+    benign = rng.normal(0.0, 1.0, 5000)
+    cusum = calibrate_cusum(benign, false_alarm_rate=0.01, stream_length=300)
+    alarms = sum(cusum.run(0.0, rng.normal(0.0, 1.0, 300))[1] is not None for _ in range(1000))
+    assert alarms <= 20  # 1 % of fresh benign streams, give or take sampling noise
+    _, alarm = cusum.run(0.0, rng.normal(3.0, 1.0, 300))  # an out-of-distribution client
+    assert alarm is not None and alarm < 20
+
+
+def test_calibration_refuses_too_little_data() -> None:
+    with pytest.raises(ValueError, match="50"):
+        calibrate_cusum(np.zeros(10))
+
+
+# ------------------------------------------------------------------ PRADA
+
+
+def test_prada_worked_example() -> None:
+    """Four one-pixel queries of one class: growing set, thresholds and distances by hand."""
+    prada = Prada(delta=0.9, min_distances=3)
+    state = prada.initial_state()
+    pixels = np.array([0, 128, 255, 64], dtype=np.uint8).reshape(4, 1, 1, 1)
+    result = prada.observe(state, observation(pixels, np.zeros(4, dtype=int)))
+    x = pixels.reshape(-1) / 255.0
+    # q1 starts the class's growing set; q2 is 0.502 away, above T=0, joins, T becomes 0.502;
+    # q3 is 0.498 from q2, not above T: not added; q4 is 0.251 from q1 and from q2.
+    expected = [x[1] - x[0], x[2] - x[1], min(x[3] - x[0], x[1] - x[3])]
+    np.testing.assert_allclose(result.scores[1:], expected, atol=1e-6)
+    assert np.isnan(result.scores[0])
+    assert len(state["growing"]) == 2
+    assert state["class_threshold"][0] == pytest.approx(x[1] - x[0], abs=1e-6)
+    assert result.statistic == pytest.approx(stats.shapiro(expected).statistic, abs=1e-6)
+
+
+def jbda_like(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A few seeds, each followed by small steps away from itself, as JBDA's rounds are."""
+    seeds = rng.integers(0, 256, (10, 8, 8, 1)).astype(np.int16)
+    steps = rng.choice([-3, 3], (30, 10, 8, 8, 1))
+    synthetic = np.clip(seeds[None] + np.cumsum(steps, axis=0), 0, 255).astype(np.uint8)
+    return synthetic.reshape(-1, 8, 8, 1), np.tile(np.arange(10) % 3, 30)
+
+
+def test_prada_flags_synthetic_near_duplicates_but_not_natural_spread() -> None:
+    rng = np.random.default_rng(0)
+    natural = rng.integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 3, 300)
+    prada = Prada(delta=0.95)
+    benign = prada.observe(prada.initial_state(), observation(natural, labels))
+    assert benign.alarm_at is None and benign.statistic > 0.95
+    attack = prada.observe(prada.initial_state(), observation(*jbda_like(rng)))
+    assert attack.alarm_at is not None and attack.statistic < 0.95
+
+
+def test_prada_in_one_batch_or_query_by_query_decides_the_same() -> None:
+    images, labels = jbda_like(np.random.default_rng(1))
+    prada = Prada(delta=0.95, min_distances=50)
+    whole = prada.observe(prada.initial_state(), observation(images, labels))
+    state = prada.initial_state()
+    singles = [
+        prada.observe(state, observation(images[i : i + 1], labels[i : i + 1]))
+        for i in range(len(images))
+    ]
+    np.testing.assert_allclose(np.concatenate([r.scores for r in singles]), whole.scores, rtol=1e-9)
+    first_single = next(i for i, r in enumerate(singles) if r.alarm_at is not None)
+    assert whole.alarm_at == first_single
+
+
+def test_state_survives_encoding() -> None:
+    prada = Prada()
+    state = prada.initial_state()
+    rng = np.random.default_rng(2)
+    prada.observe(
+        state,
+        observation(rng.integers(0, 256, (20, 4, 4, 1), dtype=np.uint8), rng.integers(0, 3, 20)),
+    )
+    restored = decode_state(encode_state(state))
+    assert set(restored) == set(state)
+    for name in state:
+        np.testing.assert_array_equal(restored[name], state[name])
+
+
+# ------------------------------------------------------------------ monitor and stores
+
+
+def stream(seed: int = 0) -> list[Observation]:
+    rng = np.random.default_rng(seed)
+    batches = []
+    for size in (7, 30, 1, 64, 20):
+        labels = rng.integers(0, 3, size)
+        probs = rng.dirichlet(np.ones(3) * 0.3, size).astype(np.float32)
+        probs[np.arange(size), labels] += 1.0
+        probs /= probs.sum(1, keepdims=True)
+        images = rng.integers(0, 256, (size, 5, 5, 1), dtype=np.uint8)
+        batches.append(Observation(images, np.log(probs), probs, np.zeros((size, 2), np.float32)))
+    return batches
+
+
+def detectors():
+    return [Prada(delta=0.97, min_distances=20), MaxSoftmax(Cusum(drift=0.1, threshold=2.0))]
+
+
+def replay(monitor: Monitor, client: str) -> list[tuple]:
+    out = []
+    for batch in stream():
+        verdict = monitor.observe(client, batch)
+        out.append(
+            (
+                verdict.scores,
+                [(a.detector, a.query_count, round(a.score, 9)) for a in verdict.alerts],
+                verdict.status.queries,
+                verdict.status.flagged,
+            )
+        )
+    return out
+
+
+@pytest.fixture
+def redis_store():
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.ConnectionError as exc:
+        import os
+
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {REDIS_URL} is not reachable: {exc}")
+        pytest.skip(f"Redis at {REDIS_URL} is not reachable")
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    yield lambda: RedisStore(REDIS_URL, prefix=prefix)
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+def test_memory_and_redis_stores_give_the_same_decisions(redis_store) -> None:
+    in_memory = replay(Monitor(detectors(), MemoryStore()), "mallory")
+    in_redis = replay(Monitor(detectors(), redis_store()), "mallory")
+    assert in_memory == in_redis
+    assert any(alerts for _, alerts, _, _ in in_memory)  # the stream does alarm
+
+
+def test_redis_state_outlives_the_server_process(redis_store) -> None:
+    first = Monitor(detectors(), redis_store())
+    batches = stream()
+    for batch in batches[:3]:
+        first.observe("eve", batch)
+    first.store.close()
+    restarted = Monitor(detectors(), redis_store())  # a new process, the same Redis
+    assert restarted.status("eve").queries == sum(len(b) for b in batches[:3])
+    assert restarted.clients() == ["eve"]
+    continued = [restarted.observe("eve", b) for b in batches[3:]]
+    reference = replay(Monitor(detectors(), MemoryStore()), "eve")
+    assert [v.status.queries for v in continued] == [r[2] for r in reference[3:]]
+    assert [v.scores for v in continued] == [r[0] for r in reference[3:]]
+
+
+def test_clients_are_scored_apart() -> None:
+    monitor = Monitor(detectors(), MemoryStore(), Policy.block)
+    batches = stream()
+    monitor.observe("alice", batches[0])
+    monitor.observe("bob", batches[1])
+    assert monitor.status("alice").queries == len(batches[0])
+    assert monitor.status("bob").queries == len(batches[1])
+    assert monitor.status("carol").queries == 0 and not monitor.status("carol").flagged
+
+
+# ------------------------------------------------------------------ perturbations
+
+
+def test_reverse_sigmoid_matches_its_formula() -> None:
+    y = np.array([[0.7, 0.2, 0.1]])
+    beta, gamma = 0.7, 0.4
+    logit = np.log(y / (1 - y))
+    expected = y - beta * (1 / (1 + np.exp(-gamma * logit)) - 0.5)
+    expected = np.clip(expected, 0, None)
+    expected /= expected.sum()
+    got = reverse_sigmoid(y.astype(np.float32), beta, gamma)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert got.argmax() == 0 and not np.allclose(got, y, atol=0.01)
+
+
+def test_perturbations_keep_valid_vectors() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10), 100).astype(np.float32)
+    for spec in ("reverse-sigmoid:0.7:0.4", "noise:0.05", "none"):
+        out = Perturbation.parse(spec).apply(probs, rng)
+        assert out.shape == probs.shape and np.all(out >= 0)
+        np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-5)
+    noisy = Perturbation.parse("noise:0.05").apply(probs, rng)
+    assert not np.allclose(noisy, probs)
+
+
+@pytest.mark.parametrize("spec", ["reverse-sigmoid:0.7", "noise:-1", "noise:x", "blur:2"])
+def test_bad_perturbation_specs(spec: str) -> None:
+    with pytest.raises(ValueError, match="perturbation"):
+        Perturbation.parse(spec)
