@@ -103,6 +103,19 @@ class AdminClient(_Base):
         raise_for_error(response)
         return response.json()
 
+    def client(self, name: str) -> dict[str, Any]:
+        """A client's standing: status, queries logged, monitor state, alerts."""
+        response = self._http.get(f"/admin/clients/{name}")
+        raise_for_error(response)
+        return response.json()
+
+    def alerts(self, **params: Any) -> list[dict[str, Any]]:
+        response = self._http.get(
+            "/admin/alerts", params={k: v for k, v in params.items() if v is not None}
+        )
+        raise_for_error(response)
+        return response.json()
+
     def wait_for_log(self, rows: int, timeout: float = 10.0) -> bool:
         """The log is written off the request path: wait until it holds ``rows`` rows."""
         deadline = time.monotonic() + timeout
