@@ -317,6 +317,8 @@ _LOG_COLUMNS = [
     "time", "client", "id", "predicted", "label_name", "top_prob", "granularity",
     "input_shape", "latency_ms", "scores", "input_sha256",
 ]  # fmt: skip
+# A terminal is narrow: the table shows what a person scans for, the other formats all.
+_LOG_TABLE_COLUMNS = ["time", "client", "id", "label_name", "top_prob", "latency_ms", "scores"]
 
 
 def _flatten_log_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -326,6 +328,16 @@ def _flatten_log_row(row: dict[str, Any]) -> dict[str, Any]:
         **row,
         "label_name": payload.get("label_name"),
         "top_prob": scores[0]["prob"] if scores else None,
+    }
+
+
+def _compact_log_row(row: dict[str, Any]) -> dict[str, Any]:
+    detectors = row.get("scores") or {}
+    return {
+        **row,
+        "time": row["time"][11:23],
+        "id": row["id"][:8],
+        "scores": " ".join(f"{k}={_cell(v)}" for k, v in detectors.items()) or None,
     }
 
 
@@ -347,7 +359,11 @@ def logs(
         engine, client=client, since=moment, limit=limit or None, newest_first=True
     )
     rows.reverse()
-    _emit([_flatten_log_row(r) for r in rows], fmt, columns=_LOG_COLUMNS)
+    flat = [_flatten_log_row(r) for r in rows]
+    if fmt is Format.table:
+        _emit([_compact_log_row(r) for r in flat], fmt, columns=_LOG_TABLE_COLUMNS)
+    else:
+        _emit(flat, fmt, columns=_LOG_COLUMNS)
 
 
 def _emit(rows: list[dict[str, Any]], fmt: Format, columns: list[str]) -> None:
