@@ -25,6 +25,10 @@ HTTP stack and this client with no model, authentication or query log behind it.
     .venv/bin/python bench/serve.py --quick    # about 1 minute
     .venv/bin/python bench/serve.py --models cnn-small --seconds 30
 
+``MLAAS_*`` variables set in the environment reach the server (the benchmark sets only the
+database, admin token, var dir and device), e.g. ``MLAAS_LOG_INPUTS=false`` measures without
+storing inputs; the header lists any it passes on.
+
 This is a benchmark, not a test: it reports what it measures and never fails on a figure.
 """
 
@@ -71,6 +75,7 @@ ADMIN_TOKEN = "bench-admin-token"
 NPY_CLIENT = "bench-npy"
 SINGLE_CLIENT = "bench-single"
 DISTINCT_BODIES = 16
+SET_BY_BENCH = {"MLAAS_DATABASE_URL", "MLAAS_ADMIN_TOKEN", "MLAAS_VAR_DIR", "MLAAS_DEVICE"}
 NOISY_CORES = 0.25  # CPU used by other processes during a phase above which figures are suspect
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -469,6 +474,19 @@ class Result:
     def b1(self) -> float:
         return statistics.median(self.b1_before + self.b1_after)
 
+    def phases(self) -> list[Phase]:
+        return [p for p in (self.npy, self.single, self.ceiling) if p is not None]
+
+    @property
+    def other_max(self) -> float:
+        """The most cores other processes used during any measurement of this victim."""
+        others = [p.cores().get("other", 0.0) for p in self.phases()] + self.inproc_other
+        return max(others, default=0.0)
+
+    @property
+    def noisy(self) -> bool:
+        return self.other_max > NOISY_CORES
+
 
 def measure_inproc(
     victim: Victim,
@@ -618,17 +636,20 @@ def _tail(path: Path, lines: int = 20) -> str:
 # --------------------------------------------------------------------------- report
 
 
-def _verdict(ratio: float, target: float) -> str:
-    if ratio >= target:
-        return f"[green]meets target >= {target:g}[/]"
-    return f"[red]misses target >= {target:g}[/]"
+def _verdict(ratio: float, target: float, noisy: bool) -> str:
+    text = (
+        f"[green]meets target >= {target:g}[/]"
+        if ratio >= target
+        else f"[red]misses target >= {target:g}[/]"
+    )
+    return text + (" [yellow](unreliable: machine busy)[/]" if noisy else "")
 
 
 def _spread(before: list[float], after: list[float], other: list[float]) -> str:
-    text = (
-        f"median of {len(before) + len(after)} reps; before server "
-        f"{statistics.median(before):,.0f}, after {statistics.median(after):,.0f}"
-    )
+    text = f"median of {len(before) + len(after)} reps; before server "
+    text += f"{statistics.median(before):,.0f}"
+    if after:
+        text += f", after {statistics.median(after):,.0f}"
     if other:
         text += "\nother processes: " + ", ".join(f"{o:.2f}" for o in other) + " cores"
     return text
@@ -709,19 +730,19 @@ def report(result: Result, plan: Plan) -> None:
         table.add_row(
             f"HTTP x-npy {plan.npy_batch} / in-process batch-256",
             f"{ratio:.2f}",
-            _verdict(ratio, TARGET_NPY),
+            _verdict(ratio, TARGET_NPY, result.noisy),
         )
     if result.single is not None:
         ratio = result.single.rate / result.b1
         table.add_row(
             f"HTTP {plan.single_clients} concurrent single / in-process batch-1",
             f"{ratio:.2f}",
-            _verdict(ratio, TARGET_SINGLE),
+            _verdict(ratio, TARGET_SINGLE, result.noisy),
         )
     console.print(table)
 
+    phases_run = result.phases()
     answered = sum(p.answered_images for p in (result.npy, result.single) if p is not None)
-    phases_run = [p for p in (result.npy, result.single, result.ceiling) if p is not None]
     refused = sum(p.refused for p in phases_run)
     console.print(
         f"answered images (HTTP 200): {answered:,}; non-200 or failed requests: {refused}"
@@ -736,11 +757,10 @@ def report(result: Result, plan: Plan) -> None:
             f"query log after stop: {rows:,} rows ({per_client}); answered images {answered:,}: "
             f"{ok}; server exit code {result.stop_code}"
         )
-    busy = max([p.cores().get("other", 0.0) for p in phases_run] + result.inproc_other, default=0.0)
-    if busy > NOISY_CORES:
+    if result.noisy:
         console.print(
-            f"[yellow]warning: other processes kept up to {busy:.2f} cores busy during a "
-            "measurement; these figures are disturbed (rerun on a quiet machine)[/]"
+            f"[yellow]warning: other processes kept up to {result.other_max:.2f} cores busy "
+            "during a measurement; these figures are disturbed (rerun on a quiet machine)[/]"
         )
     if result.error:
         console.print(f"[red]{result.arch}: {result.error}[/]")
@@ -763,7 +783,8 @@ def summary(results: list[Result], plan: Plan) -> None:
                 continue
             ratio = phase.rate / base
             colour = "green" if ratio >= target else "red"
-            cells.append(f"[{colour}]{ratio:.2f}[/] (target {target:g})")
+            flag = " [yellow]unreliable[/]" if result.noisy else ""
+            cells.append(f"[{colour}]{ratio:.2f}[/] (target {target:g}){flag}")
         table.add_row(result.arch, *cells)
     console.print(table)
 
@@ -779,6 +800,12 @@ def main(argv: list[str] | None = None) -> int:
         f"({torch.get_num_threads()} intra-op threads), device {plan.device}, "
         f"Python {sys.version.split()[0]}; load average {load}"
     )
+    inherited = sorted(k for k in os.environ if k.startswith("MLAAS_") and k not in SET_BY_BENCH)
+    if inherited:
+        console.print(
+            "server settings from this environment: "
+            + ", ".join(f"{k}={os.environ[k]}" for k in inherited)
+        )
     console.print(
         f"HTTP phases: {plan.http_warmup:.0f} s lead-in + {plan.http_seconds:.0f} s measured; "
         f"in-process: {plan.inproc_seconds:.0f} s per batch size, {plan.inproc_reps} reps before "

@@ -286,10 +286,16 @@ def load_artifact(directory: Path, name: str) -> tuple[dict[str, np.ndarray], di
     return arrays, meta
 
 
-def load_detector(name: str, directory: Path, *, prada_delta: float = 0.95) -> Detector:
-    """A ready detector; those that need training read their artifact from ``directory``."""
+def load_detector(name: str, directory: Path, *, prada_delta: float | None = None) -> Detector:
+    """A ready detector; those that need training read their artifact from ``directory``.
+
+    PRADA runs untrained too: with ``prada_delta``, else its calibrated delta if there is an
+    artifact, else the paper's 0.95.
+    """
     if name == "prada":
-        return Prada(delta=prada_delta)
+        if prada_delta is None and artifact_path(directory, name).exists():
+            prada_delta = float(load_artifact(directory, name)[1]["delta"])
+        return Prada(delta=prada_delta if prada_delta is not None else 0.95)
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
     arrays, meta = load_artifact(directory, name)

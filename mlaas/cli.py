@@ -621,7 +621,8 @@ def victim_oracle(
 @defense_app.command("train")
 def defense_train(
     names: Annotated[
-        list[str], typer.Argument(help="Detectors: ood-binary, msp, mahalanobis (or all)")
+        list[str],
+        typer.Argument(help="Detectors: ood-binary, msp, mahalanobis, prada (or all)"),
     ],
     victim: Annotated[Path, typer.Option(help="Victim directory")] = Path("var/victims/fashion"),
     outliers: Annotated[
@@ -657,6 +658,12 @@ def defense_train(
     except (DatasetUnavailable, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
     for name, meta in reports.items():
+        if name == "prada":
+            err.print(
+                f"[green]prada[/]: delta {meta['delta']:.4f}, below the lowest W of "
+                f"{meta['benign_streams']} benign streams of {meta['stream_length']} queries"
+            )
+            continue
         auc = f", held-out AUC {meta['held_out_auc']:.4f}" if "held_out_auc" in meta else ""
         err.print(
             f"[green]{name}[/]: CUSUM drift {meta['drift']:.4g}, threshold "
@@ -689,16 +696,28 @@ def alerts(
 
 @app.command("demo")
 def demo(
-    queries: Annotated[int, typer.Option(help="Benign queries to send")] = 500,
     workdir: Annotated[Path, typer.Option(help="Where the demo writes")] = Path("var/demo"),
     victim: Annotated[Path, typer.Option(help="Victim directory; trained if missing")] = Path(
         "var/victims/fashion"
     ),
+    benign_clients: Annotated[int, typer.Option(help="Benign clients")] = 3,
+    benign_queries: Annotated[int, typer.Option(help="Queries per benign client")] = 300,
+    budget: Annotated[int, typer.Option(help="Queries per attacker")] = 1000,
+    eval_size: Annotated[int, typer.Option(help="Test images for accuracy/fidelity")] = 2000,
 ) -> None:
-    """Train (or reuse) the default victim, serve it, query it over HTTP, show the log."""
-    from mlaas.demo import run_demo
+    """The testbed in one command: serve the victim with detectors, let benign clients and
+    three attackers at it side by side, and report who stole what and who was caught."""
+    from mlaas.demo import DemoPlan, run_demo
 
-    run_demo(victim_dir=victim, workdir=workdir, queries=queries, console=err, out=out)
+    plan = DemoPlan(
+        benign_clients=benign_clients,
+        benign_queries=benign_queries,
+        knockoff_budget=budget,
+        realistic_budget=budget,
+        jbda_budget=max(budget, 300),
+        eval_size=eval_size,
+    )
+    run_demo(victim_dir=victim, workdir=workdir, console=err, out=out, plan=plan)
 
 
 def main() -> None:

@@ -74,7 +74,9 @@ class ServerSettings(CommonSettings):
     defense_dir: Path | None = Field(
         default=None, description="Detector artifacts; default: <victim_dir>/defense"
     )
-    prada_delta: float = Field(default=0.95, gt=0, lt=1)
+    prada_delta: float | None = Field(
+        default=None, gt=0, lt=1, description="Default: calibrated by `mlaas defense train`"
+    )
     redis_url: str | None = Field(
         default=None, description="Shared per-client detector state; default: in-process"
     )

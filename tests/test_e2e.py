@@ -140,16 +140,21 @@ def test_demo_runs_to_the_end(tiny_victim, tmp_path) -> None:
     workdir = tmp_path / "demo"
     result = mlaas(
         {"MLAAS_VAR_DIR": str(tmp_path / "var")},
-        "demo",
-        "--victim",
-        str(tiny_victim),
-        "--queries",
-        "120",
-        "--workdir",
-        str(workdir),
-    )
+        "demo", "--victim", str(tiny_victim), "--workdir", str(workdir),
+        "--benign-clients", "2", "--benign-queries", "60", "--budget", "200", "--eval-size", "300",
+    )  # fmt: skip
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["queries_answered"] == 120 and summary["log_rows"] == 120
+    clients = {c["client"]: c for c in summary["clients"]}
+    assert set(clients) == {"benign-1", "benign-2", "knockoff", "realistic", "jbda"}
+    assert all(c["error"] is None for c in clients.values())
+    assert [clients[n]["queries"] for n in ("knockoff", "realistic", "jbda")] == [200, 200, 300]
+    assert summary["log_rows"] == summary["queries_answered"] + summary["experimenter_queries"]
     assert summary["server_exit_code"] == 0
-    assert summary["api_accuracy"] > 0.6  # far above the 10 % of chance
-    assert "tail of the query log" in result.stdout and "benign-1" in result.stdout
+    assert clients["knockoff"]["alerts"]["ood-binary"] <= 50  # natural crops are caught early
+    assert summary["benign_false_alarms"] == 0
+    assert clients["realistic"]["accuracy"] > 0.5 and clients["benign-1"]["api_accuracy"] > 0.5
+    assert "knockoff" in result.stdout and "report:" in result.stdout
+    report = (workdir / "report.md").read_text()
+    assert "| knockoff | 200 |" in report
+    for name in ("knockoff", "realistic", "jbda"):
+        assert (workdir / f"{name}.png").stat().st_size > 10_000
