@@ -43,6 +43,11 @@ attack_app = typer.Typer(
 app.add_typer(attack_app, name="attack")
 defense_app = typer.Typer(help="Train the provider's detectors.", no_args_is_help=True)
 app.add_typer(defense_app, name="defense")
+experiment_app = typer.Typer(
+    help="Run a matrix of attacks against defenses, and report what the paper measures.",
+    no_args_is_help=True,
+)
+app.add_typer(experiment_app, name="experiment")
 app.add_typer(keys_app, name="keys")
 
 err = Console(stderr=True)
@@ -692,6 +697,60 @@ def alerts(
         fmt,
         columns=["time", "client", "detector", "query_count", "score", "threshold", "action"],
     )
+
+
+@experiment_app.command("run")
+def experiment_run(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (see experiments/)")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory; default var/experiments/NAME")
+    ] = None,
+    report: Annotated[bool, typer.Option(help="Write the report at the end")] = True,
+) -> None:
+    """Run every cell of the matrix (resumable: finished cells are skipped)."""
+    from pydantic import ValidationError
+
+    from mlaas.experiments.config import ExperimentConfig
+    from mlaas.experiments.report import write_report
+    from mlaas.experiments.runner import run_experiment
+
+    try:
+        parsed = ExperimentConfig.load(config)
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        raise fail(f"{config}: {exc}") from exc
+    directory = out or Path("var/experiments") / parsed.name
+
+    def show(cell, record):
+        if record["status"] == "ok":
+            final = record["metrics"]["final"]
+            err.print(
+                f"  [green]ok[/] {cell.attacker.name} ({cell.granularity}, {cell.defense.name}): "
+                f"accuracy {final['accuracy']:.2%}, alerts {record['alerts'] or '-'}"
+            )
+        else:
+            err.print(f"  [red]failed[/] {cell.id}: {record['error']}")
+
+    counts = run_experiment(
+        parsed, directory, console=err, config_text=config.read_text(), on_cell=show
+    )
+    err.print(
+        f"{counts['cells']} cells: {counts['ok']} run, {counts['skipped']} already done, "
+        f"{counts['failed']} failed; results in {directory}"
+    )
+    if report:
+        print(write_report(directory))
+
+
+@experiment_app.command("report")
+def experiment_report(
+    directory: Annotated[Path, typer.Argument(help="A directory `mlaas experiment run` wrote")],
+) -> None:
+    """Write report.md and figures/ from an experiment's records."""
+    from mlaas.experiments.report import write_report
+
+    if not (directory / "cells").is_dir():
+        raise fail(f"{directory} holds no experiment records (no cells/ directory)")
+    print(write_report(directory))
 
 
 @app.command("demo")

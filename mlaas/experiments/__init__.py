@@ -1,0 +1,1 @@
+"""The experiment harness: a matrix of attacks against defenses, and its report."""

@@ -1,0 +1,301 @@
+"""An experiment's report: Markdown tables and PNG plots of what the paper measures.
+
+Sections: every cell; accuracy and fidelity against queries; probabilities vs top-k vs label;
+victim/substitute architecture mismatch; pretrained vs from scratch; detection (attack x
+detector, queries to detection, benign false alarms); perturbation defenses (what they cost
+the attacker and benign users); and the paper's four claims, each with what this run measured
+and whether it supports it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+DETECTOR_ORDER = ("ood-binary", "msp", "mahalanobis", "prada")
+
+
+def load_records(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict]:
+    records = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    groups = {
+        json.loads(p.read_text())["group"]: json.loads(p.read_text())
+        for p in sorted((out / "groups").glob("*.json"))
+    }
+    ok = [r for r in records if r["status"] == "ok"]
+    failed = [r for r in records if r["status"] != "ok"]
+    return ok, failed, groups
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _final(record: dict[str, Any]) -> dict[str, Any]:
+    return record["metrics"]["final"]
+
+
+def _label(record: dict[str, Any]) -> str:
+    cell = record["cell"]
+    return f"{cell['attacker']['name']} ({cell['granularity']})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _no_defense(record: dict[str, Any]) -> bool:
+    defense = record["cell"]["defense"]
+    return not defense["detectors"] and defense["perturbation"] == "none"
+
+
+def write_report(out: Path) -> Path:
+    ok, failed, groups = load_records(out)
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    lines = [f"# Experiment report: {out.name}", ""]
+    lines += [f"{len(ok)} cells measured, {len(failed)} failed.", ""]
+    lines += _claims(ok, groups)
+    lines += ["## Every cell", ""]
+    lines += _table(
+        ["victim", "defense", "granularity", "attacker", "queries", "accuracy",
+         "of victim", "fidelity", "first alert"],
+        [
+            [r["cell"]["victim"]["name"], r["cell"]["defense"]["name"], r["cell"]["granularity"],
+             r["cell"]["attacker"]["name"], f"{_final(r)['queries']:,}",
+             _pct(_final(r)["accuracy"]), f"{_final(r)['accuracy'] / r['victim_accuracy']:.2f}",
+             _pct(_final(r)["fidelity"]), _first_alert(r)]
+            for r in ok
+        ],
+    )  # fmt: skip
+    if failed:
+        lines += ["", "Failed cells:", ""]
+        lines += [f"- `{r['id']}`: {r['error']}" for r in failed]
+    lines += ["", "## Accuracy and fidelity against queries", ""]
+    lines += _curves(ok, figures)
+    lines += ["", "## Probabilities vs top-k vs label", ""]
+    lines += _granularity(ok, figures)
+    lines += ["", "## Victim and substitute architectures", ""]
+    lines += _architectures(ok)
+    lines += ["", "## Pretrained vs from scratch", ""]
+    lines += _pretrained(ok)
+    lines += ["", "## Detection", ""]
+    lines += _detection(ok, groups)
+    lines += ["", "## Perturbation defenses", ""]
+    lines += _perturbations(ok, groups)
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _first_alert(record: dict[str, Any]) -> str:
+    alerts = record.get("alerts") or {}
+    if not alerts:
+        return "-"
+    detector, count = min(alerts.items(), key=lambda a: a[1])
+    return f"{detector} @ {count}"
+
+
+def _curves(ok: list[dict[str, Any]], figures: Path) -> list[str]:
+    lines = []
+    by_victim = defaultdict(list)
+    for r in ok:
+        if _no_defense(r):
+            by_victim[r["cell"]["victim"]["name"]].append(r)
+    for victim, records in by_victim.items():
+        figure = Figure(figsize=(7.5, 4.5), dpi=120)
+        axis = figure.subplots()
+        for r in records:
+            points = r["metrics"]["checkpoints"]
+            queries = [p["queries"] for p in points]
+            axis.plot(queries, [p["accuracy"] for p in points], "o-", label=f"{_label(r)} acc.")
+            if points[0]["fidelity"] is not None:
+                axis.plot(
+                    queries, [p["fidelity"] for p in points], ":", color=axis.lines[-1].get_color()
+                )
+        axis.axhline(records[0]["victim_accuracy"], color="grey", linestyle="--", label="victim")
+        axis.set_xscale("log")
+        axis.set_xlabel("queries answered by the victim")
+        axis.set_ylabel("accuracy (solid), fidelity (dotted)")
+        axis.set_ylim(0, 1)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
+        axis.set_title(f"attacks on {victim}, no defense")
+        figure.tight_layout()
+        path = figures / f"curves-{victim}.png"
+        figure.savefig(path)
+        lines.append(f"![curves {victim}](figures/{path.name})")
+    return lines or ["No undefended cells."]
+
+
+def _granularity(ok: list[dict[str, Any]], figures: Path) -> list[str]:
+    table: dict[str, dict[str, float]] = defaultdict(dict)
+    granularities: list[str] = []
+    for r in ok:
+        if not _no_defense(r):
+            continue
+        g = r["cell"]["granularity"]
+        if g not in granularities:
+            granularities.append(g)
+        table[f"{r['cell']['victim']['name']} / {r['cell']['attacker']['name']}"][g] = _final(r)[
+            "accuracy"
+        ]
+    if len(granularities) < 2:
+        return ["This run served one granularity only."]
+    # Coarsening order: the full vector first, the label alone last.
+    granularities.sort(key=lambda g: (g != "probs", g == "label", g))
+    rows = [[name] + [_pct(v.get(g)) for g in granularities] for name, v in table.items()]
+    figure = Figure(figsize=(7.5, 4.0), dpi=120)
+    axis = figure.subplots()
+    width = 0.8 / len(granularities)
+    names = list(table)
+    for i, g in enumerate(granularities):
+        axis.bar(np.arange(len(names)) + i * width,
+                 [table[n].get(g, np.nan) for n in names], width, label=g)  # fmt: skip
+    axis.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=20, fontsize=7)
+    axis.set_ylabel("substitute accuracy")
+    axis.set_ylim(0, 1)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(figures / "granularity.png")
+    return [*_table(["victim / attacker", *granularities], rows), "",
+            "![granularity](figures/granularity.png)"]  # fmt: skip
+
+
+def _architectures(ok: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for r in ok:
+        if _no_defense(r):
+            cell = r["cell"]
+            rows.append([cell["victim"]["arch"], cell["attacker"]["arch"], cell["attacker"]["name"],
+                         cell["granularity"], _pct(_final(r)["accuracy"]),
+                         _pct(_final(r)["fidelity"])])  # fmt: skip
+    if len({(row[0], row[1]) for row in rows}) < 2:
+        return ["Every cell used one victim/substitute architecture pair."]
+    return _table(["victim arch", "substitute arch", "attacker", "granularity", "accuracy",
+                   "fidelity"], rows)  # fmt: skip
+
+
+def _pretrained(ok: list[dict[str, Any]]) -> list[str]:
+    kinds = {(r["cell"]["victim"]["pretrained"] or "scratch") for r in ok}
+    kinds |= {(r["cell"]["attacker"]["pretrained"] or "scratch") for r in ok}
+    if kinds == {"scratch"}:
+        return ["No cell used pretrained weights (they need a download; see paper-gpu.yaml)."]
+    return _table(
+        ["victim", "victim weights", "substitute weights", "attacker", "accuracy"],
+        [[r["cell"]["victim"]["name"], r["cell"]["victim"]["pretrained"] or "scratch",
+          r["cell"]["attacker"]["pretrained"] or "scratch", r["cell"]["attacker"]["name"],
+          _pct(_final(r)["accuracy"])] for r in ok],
+    )  # fmt: skip
+
+
+def _detection(ok: list[dict[str, Any]], groups: dict) -> list[str]:
+    guarded = [r for r in ok if r["cell"]["defense"]["detectors"]]
+    if not guarded:
+        return ["No cell ran with detectors."]
+    detectors = [
+        d for d in DETECTOR_ORDER if any(d in r["cell"]["defense"]["detectors"] for r in guarded)
+    ]
+    rows = [
+        [r["cell"]["defense"]["name"], _label(r), f"{_final(r)['queries']:,}"]
+        + [str(r["alerts"][d]) if d in r["alerts"] else "not detected" for d in detectors]
+        for r in guarded
+    ]
+    lines = _table(["defense", "attacker", "queries", *detectors], rows)
+    lines += ["", "Benign clients (public in-domain pool, mild variations):", ""]
+    lines += _table(
+        ["server group", "clients", "queries each", "false-alarm rate", "accuracy via the API"],
+        [[g, str(len(v["benign"]["clients"])),
+          str(v["benign"]["clients"][0]["queries"]) if v["benign"]["clients"] else "-",
+          _pct(v["benign"]["false_alarm_rate"]), _pct(v["benign"]["accuracy"])]
+         for g, v in groups.items()],
+    )  # fmt: skip
+    return lines
+
+
+def _perturbations(ok: list[dict[str, Any]], groups: dict) -> list[str]:
+    perturbed = [r for r in ok if r["cell"]["defense"]["perturbation"] != "none"]
+    if not perturbed:
+        return ["No cell ran with a perturbation."]
+    baseline = {
+        (r["cell"]["victim"]["name"], r["cell"]["attacker"]["name"], r["cell"]["granularity"]):
+        _final(r)["accuracy"] for r in ok if _no_defense(r)
+    }  # fmt: skip
+    rows = []
+    for r in perturbed:
+        key = (r["cell"]["victim"]["name"], r["cell"]["attacker"]["name"], r["cell"]["granularity"])
+        benign = groups.get(r["group"], {}).get("benign", {})
+        rows.append([r["cell"]["defense"]["name"], r["cell"]["defense"]["perturbation"], _label(r),
+                     _pct(baseline.get(key)), _pct(_final(r)["accuracy"]),
+                     _pct(benign.get("accuracy"))])  # fmt: skip
+    return _table(["defense", "perturbation", "attacker", "attacker acc. undefended",
+                   "attacker acc. perturbed", "benign accuracy via the API"], rows)  # fmt: skip
+
+
+def _claims(ok: list[dict[str, Any]], groups: dict) -> list[str]:
+    def pick(attack: str, granularity: str = "probs", defended: bool = False):
+        return [
+            r for r in ok
+            if r["cell"]["attacker"]["attack"] == attack and r["cell"]["granularity"] == granularity
+            and (bool(r["cell"]["defense"]["detectors"]) if defended else _no_defense(r))
+        ]  # fmt: skip
+
+    rows = []
+    knockoff = pick("knockoff")
+    if knockoff:
+        best = max(knockoff, key=lambda r: _final(r)["accuracy"])
+        accuracy, classes = _final(best)["accuracy"], len(best["metrics"]["victim"]["classes"])
+        rows.append(["1. Knockoff nets works",
+                     f"{_label(best)}: {_pct(accuracy)} accuracy, fidelity "
+                     f"{_pct(_final(best)['fidelity'])} (chance {1 / classes:.0%})",
+                     "yes" if accuracy > 3 / classes else "no"])  # fmt: skip
+    label_runs = {r["cell"]["attacker"]["name"]: r for r in pick("knockoff", "label")}
+    pairs = [(r, label_runs[r["cell"]["attacker"]["name"]]) for r in knockoff
+             if r["cell"]["attacker"]["name"] in label_runs]  # fmt: skip
+    if pairs:
+        gaps = [_final(p)["accuracy"] - _final(q)["accuracy"] for p, q in pairs]
+        rows.append(["2. Limited by granularity (and architecture)",
+                     "probabilities vs label: " + ", ".join(
+                         f"{p['cell']['attacker']['name']} {_pct(_final(p)['accuracy'])} vs "
+                         f"{_pct(_final(q)['accuracy'])}" for p, q in pairs),
+                     "yes" if min(gaps) > 0.02 else "no"])  # fmt: skip
+    defended = pick("knockoff", defended=True)
+    if defended:
+        caught = [r for r in defended if r["alerts"]]
+        alarms = [
+            g["benign"]["false_alarm_rate"]
+            for g in groups.values()
+            if g["defense"]["detectors"] and g["benign"]["false_alarm_rate"] is not None
+        ]
+        rows.append(["3. A detector of OOD queries catches Knockoff",
+                     f"{len(caught)}/{len(defended)} Knockoff cells flagged"
+                     + (f" (first at {min(min(r['alerts'].values()) for r in caught)} queries)"
+                        if caught else "")
+                     + f"; benign false-alarm rate {_pct(max(alarms) if alarms else None)}",
+                     "yes" if caught and len(caught) == len(defended) and not any(alarms)
+                     else "no"])  # fmt: skip
+    realistic = pick("realistic")
+    realistic_defended = pick("realistic", defended=True)
+    if realistic:
+        best = max(realistic, key=lambda r: _final(r)["accuracy"])
+        ratio = _final(best)["accuracy"] / best["victim_accuracy"]
+        evaded = all(not r["alerts"] for r in realistic_defended) if realistic_defended else None
+        evidence = f"{_pct(_final(best)['accuracy'])} accuracy = {ratio:.2f} x the victim's"
+        if evaded is not None:
+            evidence += "; " + (
+                "no alert from any detector"
+                if evaded
+                else "flagged by "
+                + ", ".join(sorted({d for r in realistic_defended for d in r["alerts"]}))
+            )
+        rows.append(["4. A realistic adversary steals and evades", evidence,
+                     "yes" if ratio >= 0.9 and evaded is not False else "no"])  # fmt: skip
+    if not rows:
+        return []
+    return ["## The paper's claims", "", *_table(["claim", "measured", "supported"], rows), ""]
