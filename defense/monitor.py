@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from defense.detectors import Detector, Observation, decode_state, encode_state
-from defense.state import StateStore
+from defense.detectors import Detector, Observation
+from defense.state import Record, StateStore
 
 SUMMARY = "_summary"
 
@@ -76,8 +76,7 @@ class Monitor:
         self.policy = Policy(policy)
 
     def status(self, client: str) -> ClientStatus:
-        raw = self.store.load(client).get(SUMMARY)
-        return _status_from(client, raw)
+        return _status_from(client, self.store.field(client, SUMMARY))
 
     def clients(self) -> list[str]:
         return self.store.clients()
@@ -89,12 +88,13 @@ class Monitor:
             status = _status_from(client, record.get(SUMMARY))
             scores: list[dict[str, float | None]] = [{} for _ in range(len(batch))]
             alerts: list[Alert] = []
-            updated: dict[str, bytes] = {}
+            updated: Record = {}
             for detector in self.detectors:
-                raw = record.get(detector.name)
-                state = decode_state(raw) if raw else detector.initial_state()
+                state = record.get(detector.name)
+                if not isinstance(state, dict):
+                    state = detector.initial_state()
                 result = detector.observe(state, batch)
-                updated[detector.name] = encode_state(state)
+                updated[detector.name] = state
                 for row, value in zip(scores, result.scores, strict=True):
                     row[detector.name] = _finite(value)
                 status.statistics[detector.name] = _finite(result.statistic)
@@ -121,7 +121,7 @@ class Monitor:
         return Verdict(scores, alerts, status)
 
 
-def _status_from(client: str, raw: bytes | None) -> ClientStatus:
-    if not raw:
+def _status_from(client: str, raw: object) -> ClientStatus:
+    if not isinstance(raw, bytes):
         return ClientStatus(client=client)
     return ClientStatus(**json.loads(raw))

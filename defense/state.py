@@ -3,17 +3,37 @@
 With Redis, several API processes or replicas share one state per client, so an attacker who
 spreads queries over them is seen as one stream; and a restarted server keeps what it knew.
 Each client's record is read, updated and written under a per-client lock.
+
+A record maps field names to a detector's :data:`State` (numpy arrays) or to bytes (the
+client's summary). The in-process store keeps states as they are, never serialising them;
+Redis stores them as ``.npz`` bytes (arrays only: nothing is unpickled).
 """
 
 from __future__ import annotations
 
+import io
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import redis
+
+State = dict[str, np.ndarray]
+Record = dict[str, "State | bytes"]
+
+
+def encode_state(state: State) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **state)
+    return buffer.getvalue()
+
+
+def decode_state(data: bytes) -> State:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
 
 
 class StateStore(ABC):
@@ -22,10 +42,14 @@ class StateStore(ABC):
     def lock(self, client: str) -> Iterator[None]: ...
 
     @abstractmethod
-    def load(self, client: str) -> dict[str, bytes]: ...
+    def load(self, client: str) -> Record: ...
 
     @abstractmethod
-    def save(self, client: str, fields: dict[str, bytes]) -> None: ...
+    def save(self, client: str, fields: Record) -> None: ...
+
+    @abstractmethod
+    def field(self, client: str, name: str) -> State | bytes | None:
+        """One field of a client's record (the summary, say) without reading the rest."""
 
     @abstractmethod
     def clients(self) -> list[str]: ...
@@ -36,7 +60,7 @@ class StateStore(ABC):
 
 class MemoryStore(StateStore):
     def __init__(self) -> None:
-        self._records: dict[str, dict[str, bytes]] = {}
+        self._records: dict[str, Record] = {}
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._guard = threading.Lock()
 
@@ -47,11 +71,14 @@ class MemoryStore(StateStore):
         with client_lock:
             yield
 
-    def load(self, client: str) -> dict[str, bytes]:
+    def load(self, client: str) -> Record:
         return dict(self._records.get(client, {}))
 
-    def save(self, client: str, fields: dict[str, bytes]) -> None:
+    def save(self, client: str, fields: Record) -> None:
         self._records.setdefault(client, {}).update(fields)
+
+    def field(self, client: str, name: str) -> State | bytes | None:
+        return self._records.get(client, {}).get(name)
 
     def clients(self) -> list[str]:
         return sorted(self._records)
@@ -78,15 +105,28 @@ class RedisStore(StateStore):
         ):
             yield
 
-    def load(self, client: str) -> dict[str, bytes]:
+    def load(self, client: str) -> Record:
         raw = self._redis.hgetall(self._key(client))
-        return {name.decode(): value for name, value in raw.items()}
+        return {
+            name.decode(): value if name.startswith(b"_") else decode_state(value)
+            for name, value in raw.items()
+        }
 
-    def save(self, client: str, fields: dict[str, bytes]) -> None:
+    def save(self, client: str, fields: Record) -> None:
+        encoded = {
+            name: value if isinstance(value, bytes) else encode_state(value)
+            for name, value in fields.items()
+        }
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key(client), mapping=fields)
+            pipe.hset(self._key(client), mapping=encoded)
             pipe.sadd(f"{self._prefix}:clients", client)
             pipe.execute()
+
+    def field(self, client: str, name: str) -> State | bytes | None:
+        value = self._redis.hget(self._key(client), name)
+        if value is None or name.startswith("_"):
+            return value
+        return decode_state(value)
 
     def clients(self) -> list[str]:
         return sorted(c.decode() for c in self._redis.smembers(f"{self._prefix}:clients"))

@@ -9,11 +9,11 @@ import pytest
 import redis
 from scipy import stats
 
-from defense.detectors import MaxSoftmax, Observation, Prada, decode_state, encode_state
+from defense.detectors import Mahalanobis, MaxSoftmax, Observation, Prada
 from defense.monitor import Monitor, Policy
 from defense.perturb import Perturbation, reverse_sigmoid
 from defense.sequential import Cusum, calibrate_cusum
-from defense.state import MemoryStore, RedisStore
+from defense.state import MemoryStore, RedisStore, decode_state, encode_state
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -232,3 +232,17 @@ def test_perturbations_keep_valid_vectors() -> None:
 def test_bad_perturbation_specs(spec: str) -> None:
     with pytest.raises(ValueError, match="perturbation"):
         Perturbation.parse(spec)
+
+
+def test_mahalanobis_fit_and_distance_match_the_definition() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 600)
+    centres = rng.normal(0, 5, (3, 4))
+    features = centres[labels] + rng.normal(0, 1, (600, 4))
+    means, precision = Mahalanobis.fit(features, labels)
+    np.testing.assert_allclose(means, [features[labels == c].mean(0) for c in range(3)])
+    queries = rng.normal(0, 5, (7, 4))
+    direct = [min(float((q - m) @ precision @ (q - m)) for m in means) ** 0.5 for q in queries]
+    np.testing.assert_allclose(Mahalanobis.distances(queries, means, precision), direct)
+    near, far = Mahalanobis.distances(np.vstack([means[0], means[0] + 40]), means, precision)
+    assert near < 0.1 < far

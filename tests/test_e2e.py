@@ -157,4 +157,5 @@ def test_demo_runs_to_the_end(tiny_victim, tmp_path) -> None:
     report = (workdir / "report.md").read_text()
     assert "| knockoff | 200 |" in report
     for name in ("knockoff", "realistic", "jbda"):
-        assert (workdir / f"{name}.png").stat().st_size > 10_000
+        assert (workdir / "runs" / name / "curve.png").stat().st_size > 10_000
+        assert f"runs/{name}/curve.png" in report

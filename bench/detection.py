@@ -1,6 +1,6 @@
 """The defense's figures: who gets caught, after how many queries, and what it costs.
 
-    .venv/bin/python bench/defense.py [--victim var/victims/fashion] [--benign 20] [--quick]
+    .venv/bin/python bench/detection.py [--victim var/victims/fashion] [--benign 20] [--quick]
 
 Against the default victim served with all four detectors (``ood-binary``, ``msp``,
 ``mahalanobis``, ``prada``; policy ``monitor``), each client under its own key:
