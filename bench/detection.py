@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--benign", type=int, default=20)
     parser.add_argument("--benign-queries", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="fewer clients and queries")
+    parser.add_argument("--throughput-only", action="store_true", help="skip the detection part")
     args = parser.parse_args()
     if args.quick:
         args.benign, args.benign_queries = 4, 300
@@ -101,6 +102,12 @@ def main() -> None:
             log_file=args.out / f"{name}.log",
         )
 
+    if not args.throughput_only:
+        detection(args, server, pool, crops, token)
+    measure_throughput(server, pool, token)
+
+
+def detection(args, server, pool, crops, token: str) -> None:
     rows: list[tuple[str, int, dict[str, int]]] = []
     with server("detect", DETECTORS) as live, AdminClient(live.url, token) as admin:
         knockoff = admin.create_key("knockoff")
@@ -138,7 +145,9 @@ def main() -> None:
         cells = [str(alerts[d]) if d in alerts else "-" for d in DETECTORS]
         print(f"| {name} | {queries:,} | " + " | ".join(cells) + " |")
 
-    # Throughput: rounds alternate between a server without and one with all detectors.
+
+def measure_throughput(server, pool, token: str) -> None:
+    """Rounds alternate between a server without and one with all four detectors."""
     rates: dict[str, list[float]] = {"none": [], "all": []}
     images = pool.get_batch(np.arange(len(pool)))
     with server("plain", []) as plain, server("guarded", DETECTORS) as guarded:

@@ -121,11 +121,11 @@ class Mahalanobis(CusumDetector):
         # (f - m)' P (f - m) = f'Pf - 2 f'Pm + m'Pm: three matrix products instead of a
         # per-class quadratic form, which keeps this off the serving path's bill.
         f = features.astype(np.float64)
-        projected = f @ precision
+        precision_means = precision @ means.T
         squared = (
-            (projected * f).sum(axis=1)[:, None]
-            - 2.0 * projected @ means.T
-            + np.einsum("kd,de,ke->k", means, precision, means)[None, :]
+            ((f @ precision) * f).sum(axis=1)[:, None]
+            - 2.0 * f @ precision_means
+            + (means.T * precision_means).sum(axis=0)[None, :]
         )
         return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
 
@@ -167,63 +167,69 @@ class Prada(Detector):
         self.min_distances = min_distances
 
     def initial_state(self) -> State:
+        # Per class c: "rows_c", its growing set (float32 pixels in [0, 1]) and "norms_c",
+        # their squared norms; "added_stats" holds per class the count, sum and sum of squares
+        # of the distances at which members were added (for the threshold, in O(1)).
         return {
-            "growing": np.zeros((0, 0), dtype=np.uint8),  # the growing sets' queries, flattened
-            "growing_class": np.zeros(0, dtype=np.int64),
-            "growing_distance": np.zeros(0, dtype=np.float64),  # d_min when each was added
             "class_threshold": np.zeros(0, dtype=np.float64),
+            "added_stats": np.zeros((0, 3), dtype=np.float64),
             "distances": np.zeros(0, dtype=np.float64),  # every d_min: what is tested
             "alarmed": np.zeros((), dtype=bool),
         }
 
+    def _nearest_stored(self, state: State, x: np.ndarray, label: int) -> np.ndarray:
+        """Each query's distance to the nearest member of class ``label``'s growing set.
+
+        A float32 product ranks the members (fast); the few nearest are then measured exactly
+        in float64, because |a|^2 + |b|^2 - 2ab cancels badly for near-duplicates, and
+        near-duplicates are exactly what PRADA looks for.
+        """
+        rows = state.get(f"rows_{label}")
+        if rows is None or len(rows) == 0:
+            return np.full(len(x), np.inf)
+        approximate = state[f"norms_{label}"][None, :] - 2.0 * (x.astype(np.float32) @ rows.T)
+        nearest = np.argsort(approximate, axis=1)[:, :3]
+        exact = x[:, None, :] - rows[nearest].astype(np.float64)
+        return np.sqrt((exact * exact).sum(axis=2)).min(axis=1)
+
     def observe(self, state: State, batch: Observation) -> DetectorResult:
-        flat = batch.images.reshape(len(batch), -1)
-        # float64: |a|^2 + |b|^2 - 2ab cancels badly for near-duplicates in float32, and
-        # near-duplicates are exactly what PRADA looks for.
-        x = flat.astype(np.float64) / 255.0
+        x = batch.images.reshape(len(batch), -1).astype(np.float64) / 255.0
         labels = batch.probs.argmax(axis=1)
         classes = batch.probs.shape[1]
-        growing = state["growing"]
-        if growing.size == 0:
-            growing = np.zeros((0, flat.shape[1]), dtype=np.uint8)
         threshold = state["class_threshold"]
+        added_stats = state["added_stats"]
         if len(threshold) < classes:
             threshold = np.concatenate([threshold, np.zeros(classes - len(threshold))])
-        growing_class = state["growing_class"]
-        growing_distance = state["growing_distance"]
-        # Each query only meets its own class's growing set: one product per class present,
-        # |a-b|^2 = |a|^2 + |b|^2 - 2ab, instead of every query against every stored query.
+            added_stats = np.vstack([added_stats, np.zeros((classes - len(added_stats), 3))])
         stored_min = np.full(len(batch), np.inf)
         for label in np.unique(labels):
             mine = labels == label
-            rows = growing[growing_class == label]
-            if len(rows):
-                stored_min[mine] = _pairwise(x[mine], rows.astype(np.float64) / 255.0).min(1)
+            stored_min[mine] = self._nearest_stored(state, x[mine], int(label))
         within = _pairwise(x, x)
-        added: list[int] = []
+        added: dict[int, list[int]] = {}
         new_distances = np.full(len(batch), np.nan)
-        for i, label in enumerate(labels):
-            earlier = [j for j in added if labels[j] == label]
-            candidates = within[i, earlier] if earlier else np.empty(0)
-            if np.isfinite(stored_min[i]):
-                candidates = np.append(candidates, stored_min[i])
-            if len(candidates) == 0:
-                added.append(i)
-                growing_distance = np.append(growing_distance, 0.0)
-                growing_class = np.append(growing_class, label)
+        for i, label in enumerate(labels.tolist()):
+            earlier = added.get(label, [])
+            d_min = min(stored_min[i], within[i, earlier].min()) if earlier else stored_min[i]
+            if not np.isfinite(d_min):  # the class's first query starts its growing set
+                added.setdefault(label, []).append(i)
                 continue
-            d_min = float(candidates.min())
             new_distances[i] = d_min
             if d_min > threshold[label]:
-                added.append(i)
-                growing_class = np.append(growing_class, label)
-                growing_distance = np.append(growing_distance, d_min)
-                mine = growing_distance[(growing_class == label) & (growing_distance > 0)]
-                threshold[label] = max(threshold[label], mine.mean() - mine.std())
-        state["growing"] = np.concatenate([growing, flat[added]]) if added else growing
-        state["growing_class"] = growing_class
-        state["growing_distance"] = growing_distance
+                added.setdefault(label, []).append(i)
+                count, total, squares = added_stats[label] + (1.0, d_min, d_min * d_min)
+                added_stats[label] = (count, total, squares)
+                mean = total / count
+                std = np.sqrt(max(squares / count - mean * mean, 0.0))
+                threshold[label] = max(threshold[label], mean - std)
+        for label, members in added.items():
+            rows = x[members].astype(np.float32)
+            previous = state.get(f"rows_{label}", np.zeros((0, x.shape[1]), np.float32))
+            state[f"rows_{label}"] = np.concatenate([previous, rows])
+            norms = state.get(f"norms_{label}", np.zeros(0, np.float32))
+            state[f"norms_{label}"] = np.concatenate([norms, (rows * rows).sum(axis=1)])
         state["class_threshold"] = threshold
+        state["added_stats"] = added_stats
         before = len(state["distances"])
         distances = np.concatenate([state["distances"], new_distances[~np.isnan(new_distances)]])
         state["distances"] = distances

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from threadpoolctl import threadpool_limits
 
 from defense.detectors import load_detector
 from defense.monitor import Monitor, Policy
@@ -51,6 +52,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The detectors' NumPy products are small: a multi-threaded BLAS only spins against
+        # the model's own threads (measured: detectors cost as much as the forward pass).
+        threadpool_limits(1, user_api="blas")
         engine = make_engine(settings.resolved_database_url)
         await asyncio.to_thread(init_db, engine)
         victim = await asyncio.to_thread(Victim, settings.victim_dir, settings.device)
