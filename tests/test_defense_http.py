@@ -75,6 +75,7 @@ def test_block_refuses_a_flagged_client_and_spares_the_others(
         error = refused.json()["error"]
         assert error["code"] == "client_blocked" and "ood-binary" in error["message"]
         assert post(server, user, pool[:50]).status_code == 200
+        assert admin.wait_for_log(70)  # the log is written off the request path
 
         standing = httpx.get(
             f"{server.url}/admin/clients/thief",
@@ -83,7 +84,6 @@ def test_block_refuses_a_flagged_client_and_spares_the_others(
         assert standing["status"] == "blocked" and standing["queries_logged"] == 20
         assert standing["monitor"]["flagged_by"][0] == "ood-binary"
         assert standing["alerts"][0]["query_count"] <= 20
-        assert admin.wait_for_log(70)
         assert admin.queries(client="user", limit=1)[0]["scores"]["ood-binary"] is not None
     # After the stop, the CLI reads the same alerts from the database.
     shown = subprocess.run(
