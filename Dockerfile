@@ -24,6 +24,7 @@ COPY mlaas ./mlaas
 COPY server ./server
 COPY attacker ./attacker
 COPY defense ./defense
+COPY experiments ./experiments
 RUN if [ -n "$TORCH_INDEX_URL" ]; then \
         pip install torch torchvision --index-url "$TORCH_INDEX_URL"; \
     fi \
