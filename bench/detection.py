@@ -32,8 +32,8 @@ from attacker.runner import run_attack
 from defense.detectors import artifact_path
 from defense.training import train_detectors
 from mlaas.apiclient import AdminClient
+from mlaas.benign import benign_images, run_benign_client
 from mlaas.datasets import load_dataset
-from mlaas.images import mild_variations
 from mlaas.modelstore import load_card
 from mlaas.serverproc import ServerProcess
 
@@ -119,8 +119,8 @@ def detection(args, server, pool, crops, token: str) -> None:
         for i in range(args.benign):
             name = f"benign-{i + 1}"
             key = admin.create_key(name)
-            chosen = np.sort(rng.choice(len(pool), args.benign_queries, replace=False))
-            query_all(live.url, key, mild_variations(pool.get_batch(chosen), rng), batch=20)
+            images, labels = benign_images(pool, args.benign_queries, rng)
+            run_benign_client(live.url, key, images, labels)
             for detector, count in first_alerts(admin, name).items():
                 false_alarms[detector] = false_alarms.get(detector, 0) + 1
                 print(f"{name}: false alarm by {detector} at query {count}", file=sys.stderr)

@@ -29,8 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mlaas.apiclient import AdminClient
+from mlaas.benign import benign_images, run_benign_client
 from mlaas.datasets import load_dataset
-from mlaas.images import mild_variations
 from mlaas.modelstore import ModelCard, load_card
 from mlaas.serverproc import ServerProcess
 
@@ -101,18 +101,11 @@ def ensure_detectors(victim_dir: Path, console: Console) -> None:
 
 
 def _benign(run: ClientRun, url: str, key: str, plan: DemoPlan, index: int, shape) -> None:
-    from attacker.client import ExtractionClient  # a benign client is a plain API client
-
     pool = load_dataset("fashion-mnist:pool", shape)
-    rng = np.random.default_rng([plan.seed, index])
-    chosen = np.sort(rng.choice(len(pool), plan.benign_queries, replace=False))
-    images = mild_variations(pool.get_batch(chosen), rng)
-    correct = 0
-    with ExtractionClient(url, key, batch_size=20, concurrency=1, progress=False) as client:
-        for start in range(0, len(images), 20):
-            answers = client.query(images[start : start + 20])
-            correct += int((answers.labels == pool.labels[chosen[start : start + 20]]).sum())
-    run.api_accuracy = correct / len(images)
+    images, labels = benign_images(
+        pool, plan.benign_queries, np.random.default_rng([plan.seed, index])
+    )
+    run.api_accuracy = run_benign_client(url, key, images, labels).accuracy
 
 
 def _attack(run: ClientRun, url: str, key: str, experimenter: str, workdir: Path, plan: DemoPlan):

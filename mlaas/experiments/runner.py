@@ -29,9 +29,10 @@ import yaml
 from rich.console import Console
 
 from mlaas.apiclient import AdminClient
+from mlaas.benign import benign_images, run_benign_client
 from mlaas.datasets import load_dataset
 from mlaas.experiments.config import Cell, DefenseSpec, ExperimentConfig, VictimSpec
-from mlaas.images import InputShape, mild_variations
+from mlaas.images import InputShape
 from mlaas.modelstore import ModelCard, load_card
 from mlaas.serverproc import ServerProcess
 
@@ -98,8 +99,6 @@ def _benign(
     url: str, admin: AdminClient, config: ExperimentConfig, card: ModelCard, seed: int
 ) -> dict[str, Any]:
     """Benign clients: their accuracy through the API, and whether any detector alarmed."""
-    from attacker.client import ExtractionClient
-
     dataset = card.dataset.split(":")[0]
     try:
         pool = load_dataset(f"{dataset}:pool", card.shape)
@@ -109,14 +108,9 @@ def _benign(
     for index in range(config.benign.clients):
         name = f"benign-{index + 1}"
         rng = np.random.default_rng([seed, index])
-        chosen = np.sort(rng.choice(len(pool), min(config.benign.queries, len(pool)), False))
-        images = mild_variations(pool.get_batch(chosen), rng)
-        with ExtractionClient(url, admin.create_key(name), batch_size=20, progress=False) as c:
-            labels = c.query(images).labels
-        clients.append(
-            {"client": name, "queries": len(images),
-             "accuracy": float((labels == np.asarray(pool.labels)[chosen]).mean())}
-        )  # fmt: skip
+        images, labels = benign_images(pool, config.benign.queries, rng)
+        result = run_benign_client(url, admin.create_key(name), images, labels)
+        clients.append({"client": name, "queries": result.queries, "accuracy": result.accuracy})
     admin.wait_for_log(sum(c["queries"] for c in clients), timeout=30)
     time.sleep(0.3)
     for client in clients:
