@@ -39,6 +39,7 @@ def decode_state(data: bytes) -> State:
 class StateStore(ABC):
     in_process: bool = False
     """True when reading and writing involve no I/O (callers may skip a thread hop)."""
+
     @abstractmethod
     @contextmanager
     def lock(self, client: str) -> Iterator[None]: ...
@@ -62,6 +63,7 @@ class StateStore(ABC):
 
 class MemoryStore(StateStore):
     in_process = True
+
     def __init__(self) -> None:
         self._records: dict[str, Record] = {}
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
