@@ -21,7 +21,14 @@ DETECTOR_ORDER = ("ood-binary", "msp", "mahalanobis", "prada")
 
 
 def load_records(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict]:
+    """The records of the configuration last run in ``out`` (records left by an edited
+    configuration have other cell ids and are left out)."""
+    from mlaas.experiments.config import ExperimentConfig
+
     records = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    if (out / "config.yaml").exists():
+        current = {c.id for c in ExperimentConfig.load(out / "config.yaml").cells()}
+        records = [r for r in records if r["id"] in current]
     groups = {
         json.loads(p.read_text())["group"]: json.loads(p.read_text())
         for p in sorted((out / "groups").glob("*.json"))
