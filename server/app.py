@@ -42,7 +42,11 @@ def build_monitor(settings: ServerSettings) -> Monitor | None:
         load_detector(name, settings.resolved_defense_dir, prada_delta=settings.prada_delta)
         for name in settings.detector_names
     ]
-    store = RedisStore(settings.redis_url) if settings.redis_url else MemoryStore()
+    store = (
+        RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+        if settings.redis_url
+        else MemoryStore()
+    )
     return Monitor(detectors, store, Policy(settings.policy))
 
 

@@ -80,6 +80,9 @@ class ServerSettings(CommonSettings):
     redis_url: str | None = Field(
         default=None, description="Shared per-client detector state; default: in-process"
     )
+    redis_prefix: str = Field(
+        default="mlaas", description="Key prefix, so that deployments can share one Redis"
+    )
 
     log_inputs: bool = Field(default=True, description="Store each query's input as PNG")
     log_flush_rows: int = Field(default=512, ge=1)
