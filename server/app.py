@@ -25,6 +25,7 @@ from server.errors import error_response, install_error_handlers
 from server.inference import MicroBatcher, Victim
 from server.inputs import BodySizeLimit, BodyTooLarge, Limits
 from server.keys import KeyStore
+from server.metrics import MetricsMiddleware, ServiceMetrics
 from server.querylog import QueryLogWriter
 from server.routes import admin_router, public_router
 from server.settings import ServerSettings, parse_deception
@@ -53,6 +54,7 @@ def build_monitor(settings: ServerSettings) -> Monitor | None:
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     granularity = Granularity.parse(settings.granularity)
+    metrics = ServiceMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,6 +68,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             victim,
             max_batch=settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            on_batch=metrics.batch_size.observe,
         )
         writer = QueryLogWriter(
             engine,
@@ -87,6 +90,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             monitor=monitor,
             perturbation=Perturbation.parse(settings.perturbation),
             deception=parse_deception(settings.deceive),
+            metrics=metrics,
         )
         log.info(
             "serving %s (%s) on %s, granularity %s, detectors %s (policy %s, state %s)",
@@ -126,6 +130,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     # The last added runs first: count every refusal, the body-size ones included.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(CountRejections)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(public_router)
     app.include_router(admin_router)
     return app

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,16 @@ class _Job:
 
 
 class MicroBatcher:
-    def __init__(self, victim: Victim, *, max_batch: int = 256, max_wait_s: float = 0.002):
+    def __init__(
+        self,
+        victim: Victim,
+        *,
+        max_batch: int = 256,
+        max_wait_s: float = 0.002,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self._victim = victim
+        self._on_batch = on_batch
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -153,6 +162,8 @@ class MicroBatcher:
                 continue
             self.batches += 1
             self.images += len(images)
+            if self._on_batch is not None:
+                self._on_batch(len(images))
             start = 0
             for job in jobs:
                 stop = start + len(job.images)

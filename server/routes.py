@@ -12,7 +12,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -219,11 +221,14 @@ async def _answer(
             verdict = await run_in_threadpool(state.monitor.observe, client.name, observation)
         scores = verdict.scores
         alerts = [PendingAlert(**asdict(alert)) for alert in verdict.alerts]
+        for alert in verdict.alerts:
+            state.metrics.alerts.labels(alert.detector, alert.action).inc()
         if verdict.status.flagged and state.monitor.policy is Policy.deceive:
             if isinstance(state.deception, Granularity):
                 granularity = state.deception
             else:
                 probs = state.deception.apply(probs, state.rng)
+    state.metrics.answered.labels(client.name).inc(len(output))
     query_ids = [uuid.uuid4().hex for _ in range(len(output))]
     predictions = granularity.shape(probs, state.victim.classes, query_ids)
     answered_at = datetime.now(UTC)
@@ -398,3 +403,14 @@ def client_standing(request: Request, name: str) -> dict[str, Any]:
         "monitor": status.to_dict() if status is not None else None,
         "alerts": fetch_alerts(state.engine, client=name, limit=None),
     }
+
+
+@public_router.get(
+    "/metrics",
+    dependencies=[Depends(require_admin)],
+    summary="Prometheus metrics (admin token: the labels name clients)",
+    response_class=PlainTextResponse,
+)
+def metrics(request: Request) -> PlainTextResponse:
+    registry = get_state(request).metrics.registry
+    return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -16,6 +16,7 @@ from server.idempotency import IdempotencyCache
 from server.inference import MicroBatcher, Victim
 from server.inputs import Limits
 from server.keys import KeyStore
+from server.metrics import ServiceMetrics
 from server.querylog import QueryLogWriter
 from server.settings import ServerSettings
 from server.shaping import Granularity
@@ -35,6 +36,7 @@ class ServiceState:
     perturbation: Perturbation = field(default_factory=Perturbation)
     deception: Perturbation | Granularity = field(default_factory=Perturbation)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     idempotency: IdempotencyCache = field(default_factory=IdempotencyCache)
     rejected: Counter[str] = field(default_factory=Counter)
     """Refused requests by HTTP status: counted, never logged as answered queries."""

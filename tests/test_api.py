@@ -330,3 +330,18 @@ def test_idempotent_retries_are_answered_once(make_client, test_images) -> None:
         time.sleep(0.02)
     time.sleep(0.2)
     assert service.writer.written == 8  # 4 + 4 answered; the replay added nothing
+
+
+def test_prometheus_metrics(make_client, test_images) -> None:
+    images, _ = test_images
+    client = make_client()
+    key = create_key(client, "metered")
+    post_npy(client, key, images[:5])
+    post_npy(client, "mlk_wrong", images[:1])
+    assert client.get("/metrics").status_code == 401  # the labels name clients
+    text = client.get("/metrics", headers=bearer(ADMIN_TOKEN)).text
+    assert 'mlaas_answered_queries_total{client="metered"} 5.0' in text
+    assert 'mlaas_requests_total{method="POST",route="/v1/predict",status="200"} 1.0' in text
+    assert 'mlaas_requests_total{method="POST",route="/v1/predict",status="401"} 1.0' in text
+    assert "mlaas_forward_batch_images_count 1.0" in text
+    assert 'mlaas_request_seconds_bucket{le="+Inf",method="POST",route="/v1/predict"}' in text
