@@ -20,6 +20,7 @@ from defense.detectors import load_detector
 from defense.monitor import Monitor, Policy
 from defense.perturb import Perturbation
 from defense.state import MemoryStore, RedisStore
+from server.dashboard import router as dashboard_router
 from server.db import init_db, make_engine
 from server.errors import error_response, install_error_handlers
 from server.inference import MicroBatcher, Victim
@@ -132,6 +133,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(CountRejections)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(public_router)
+    app.include_router(dashboard_router)
     app.include_router(admin_router)
     return app
 

@@ -114,15 +114,22 @@ async def require_client(request: Request, credentials: Credentials) -> Client:
     return client
 
 
+ADMIN_COOKIE = "mlaas_admin"
+
+
 def require_admin(request: Request, credentials: AdminCredentials) -> None:
+    """The admin token, as a bearer token or as the dashboard's cookie."""
     token = get_state(request).settings.admin_token
     if token is None:
         raise ApiError(
             403, "admin_disabled", "admin routes are disabled: set MLAAS_ADMIN_TOKEN to enable"
         )
-    if credentials is None or not hmac.compare_digest(
-        credentials.credentials.encode(), token.get_secret_value().encode()
-    ):
+    given = (
+        credentials.credentials
+        if credentials is not None
+        else request.cookies.get(ADMIN_COOKIE, "")
+    )
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise _unauthorized("missing or wrong admin token")
 
 

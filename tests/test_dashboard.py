@@ -1,0 +1,109 @@
+"""The dashboard in a real headless Chromium, after an attack on a live server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from defense.training import train_detectors
+from mlaas.apiclient import AdminClient
+from mlaas.datasets import load_dataset
+from mlaas.images import InputShape
+from mlaas.serverproc import ServerProcess
+from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
+from tests.helpers import ADMIN_TOKEN
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = Path(__file__).parent.parent / "var" / "test-artifacts"
+
+
+def chrome():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver are missing: .ci/run installs them")
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(flag)  # fmt: skip
+    from selenium.webdriver.chrome.service import Service
+
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def wait_for(browser, predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate(browser)
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"the page never showed it; it shows:\n{browser.page_source[:3000]}")
+
+
+def test_the_dashboard_shows_the_attack(tiny_victim, tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    defense_dir = tmp_path / "defense"
+    train_detectors(["ood-binary"], tiny_victim, size=1500, out_dir=defense_dir)
+    env = {
+        "MLAAS_DATABASE_URL": f"sqlite:///{tmp_path / 'mlaas.db'}",
+        "MLAAS_ADMIN_TOKEN": ADMIN_TOKEN,
+        "MLAAS_DETECTORS": "ood-binary,prada",
+        "MLAAS_DEFENSE_DIR": str(defense_dir),
+    }
+    shape = InputShape(1, 28, 28)
+    crops = load_dataset("natural-crops", shape).get_batch(np.arange(60))
+    pool = load_dataset("fashion-mnist:pool", shape).get_batch(np.arange(40))
+    with ServerProcess(tiny_victim, env=env, log_file=tmp_path / "server.log") as server:
+        assert httpx.get(f"{server.url}/dashboard").status_code == 401  # admin only
+        with AdminClient(server.url, ADMIN_TOKEN) as admin:
+            for name, images in (("thief", crops), ("shopper", pool)):
+                key = admin.create_key(name)
+                for start in range(0, len(images), 20):
+                    httpx.post(
+                        f"{server.url}/v1/predict",
+                        content=encode_npy(images[start : start + 20]),
+                        headers={"Authorization": f"Bearer {key}", "Content-Type": NPY_MEDIA_TYPE},
+                    ).raise_for_status()
+            assert admin.wait_for_log(100)
+        browser = chrome()
+        try:
+            browser.get(f"{server.url}/dashboard?token={ADMIN_TOKEN}")
+            assert "token=" not in browser.current_url  # traded for a cookie
+            clients = wait_for(browser, lambda b: "thief" in b.find_element(By.ID, "clients").text
+                               and b.find_element(By.ID, "clients").text)  # fmt: skip
+            thief_row = next(line for line in clients.splitlines() if line.startswith("thief"))
+            assert "60" in thief_row and "ood-binary" in thief_row
+            shopper_row = next(line for line in clients.splitlines() if line.startswith("shopper"))
+            assert "40" in shopper_row and "ood-binary" not in shopper_row
+            alerts = browser.find_element(By.ID, "alerts").text
+            assert "thief" in alerts and "ood-binary" in alerts and "shopper" not in alerts
+            Select(browser.find_element(By.ID, "client")).select_by_value("thief")
+            wait_for(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#images img")) == 16)
+            wait_for(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#scores polyline"))
+            assert "ood-binary" in browser.find_element(By.ID, "legend").text
+            assert "thief" in browser.find_element(By.ID, "queries").text
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        finally:
+            browser.quit()
