@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from attacker.attacks import AttackConfig, Victim, attack_stream, train_substitu
 from attacker.client import ExtractionClient
 from attacker.evaluation import Evaluator, make_evaluator
 from mlaas.images import InputShape
-from mlaas.modelstore import ModelCard, save_model
+from mlaas.modelstore import ModelCard, save_model, write_json_atomic
 from mlaas.plots import curve_plot
 
 
@@ -59,14 +58,8 @@ class RunDirectory:
                     "use another --out, or the same options to resume it"
                 )
             return True
-        _write_json(self.config, config)
+        write_json_atomic(self.config, config)
         return False
-
-
-def _write_json(path: Path, data: Any) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
 
 
 def run_attack(
@@ -131,7 +124,7 @@ def run_attack(
             metrics["hard_labels"] = checkpoint.answers.hard or config.label_only
             metrics["victim"]["granularity"] = ",".join(client.cache.granularities())
             _report(console, records[-1])
-            _write_json(run.metrics, metrics)
+            write_json_atomic(run.metrics, metrics)
             try:
                 checkpoint = stream.send(model)
             except StopIteration:
@@ -145,7 +138,7 @@ def run_attack(
                 "seconds": round(time.perf_counter() - started, 1),
             }
         )
-    _write_json(run.metrics, metrics)
+    write_json_atomic(run.metrics, metrics)
     final = records[-1]
     save_model(
         run.substitute,

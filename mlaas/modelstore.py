@@ -71,6 +71,13 @@ class ModelCard(pydantic.BaseModel):
         return InputShape.parse(self.input_shape)
 
 
+def write_json_atomic(path: Path, data: Any) -> None:
+    """JSON through :func:`_atomic_write`: readers see the old document or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """Write through a temporary file in the same directory, then rename over ``path``.
 

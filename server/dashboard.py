@@ -71,9 +71,7 @@ def dashboard_data(request: Request, client: str = "", filter: str = "") -> dict
                 "client": key.name,
                 "status": "revoked" if key.revoked_at else "active",
                 "queries": count_queries(engine, key.name),
-                "last_minute": len(
-                    fetch_queries(engine, client=key.name, since=minute_ago, limit=None)
-                ),
+                "last_minute": count_queries(engine, key.name, since=minute_ago),
                 "flagged_by": status.flagged_by if status else [],
             }
         )

@@ -210,10 +210,12 @@ def fetch_queries(
         return [record_to_dict(r, include_input) for r in session.scalars(statement)]
 
 
-def count_queries(engine: Engine, client: str | None = None) -> int:
+def count_queries(engine: Engine, client: str | None = None, since: datetime | None = None) -> int:
     statement = select(func.count()).select_from(QueryRecord)
     if client is not None:
         statement = statement.where(QueryRecord.client == client)
+    if since is not None:
+        statement = statement.where(QueryRecord.created_at >= since)
     with Session(engine) as session:
         return int(session.scalar(statement) or 0)
 

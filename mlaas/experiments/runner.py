@@ -33,15 +33,8 @@ from mlaas.benign import benign_images, run_benign_client
 from mlaas.datasets import load_dataset
 from mlaas.experiments.config import Cell, DefenseSpec, ExperimentConfig, VictimSpec
 from mlaas.images import InputShape
-from mlaas.modelstore import ModelCard, load_card
+from mlaas.modelstore import ModelCard, load_card, write_json_atomic
 from mlaas.serverproc import ServerProcess
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str))
-    temporary.replace(path)
 
 
 def cell_record(out: Path, cell: Cell) -> dict[str, Any] | None:
@@ -188,7 +181,8 @@ def _attack(url: str, admin: AdminClient, cell: Cell, out: Path, experimenter: s
         attack, url=url, keys=[key], out=run_dir, eval_key=experimenter, progress=False,
         console=Console(file=io.StringIO()),
     )  # fmt: skip
-    admin.wait_for_log(admin.stats()["log_rows_written"] + admin.stats()["log_rows_pending"], 30)
+    stats = admin.stats()
+    admin.wait_for_log(stats["log_rows_written"] + stats["log_rows_pending"], 30)
     time.sleep(0.3)
     alerts = {a["detector"]: a["query_count"] for a in admin.client(key_name)["alerts"]}
     return metrics, alerts
@@ -235,7 +229,7 @@ def run_experiment(
                 experimenter = admin.create_key("experimenter")
                 group_path = out / "groups" / f"{group_id}.json"
                 if not group_path.exists():
-                    _write_json(
+                    write_json_atomic(
                         group_path,
                         {"group": group_id, "victim": card.model_dump(mode="json"),
                          "defense": first.defense.model_dump(),
@@ -261,7 +255,7 @@ def run_experiment(
                         "alerts": alerts,
                         "seconds": round(time.perf_counter() - started, 1),
                     }
-                    _write_json(out / "cells" / f"{cell.id}.json", record)
+                    write_json_atomic(out / "cells" / f"{cell.id}.json", record)
                     counts["ok"] += 1
                     if on_cell:
                         on_cell(cell, record)
@@ -280,7 +274,7 @@ def _record_failure(out: Path, cell: Cell, exc: BaseException, counts: dict, on_
         "error": f"{type(exc).__name__}: {exc}",
         "traceback": traceback.format_exception(exc)[-5:],
     }
-    _write_json(out / "cells" / f"{cell.id}.json", record)
+    write_json_atomic(out / "cells" / f"{cell.id}.json", record)
     counts["failed"] += 1
     if on_cell:
         on_cell(cell, record)
