@@ -20,6 +20,8 @@ from contextlib import contextmanager
 
 import numpy as np
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 State = dict[str, np.ndarray]
 Record = dict[str, "State | bytes"]
@@ -89,14 +91,31 @@ class MemoryStore(StateStore):
         return sorted(self._records)
 
 
+def connect_redis(url: str, timeout_s: float = 2.0) -> redis.Redis:
+    """A client that fails fast when Redis is away and reconnects by itself when it returns.
+
+    The timeouts turn an outage into a prompt error for the caller to handle (a 503, or an
+    answer without Redis where the deployment fails open) instead of a hung request; one
+    quick retry hides a connection that Redis closed while it sat in the pool.
+    """
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
 class RedisStore(StateStore):
     """One hash per client (a field per detector, plus the client's summary)."""
 
-    def __init__(self, url: str, prefix: str = "mlaas", lock_timeout_s: float = 30.0) -> None:
-        self._redis = redis.Redis.from_url(url)
+    def __init__(
+        self, client: redis.Redis | str, prefix: str = "mlaas", lock_timeout_s: float = 30.0
+    ) -> None:
+        self._redis = connect_redis(client) if isinstance(client, str) else client
         self._prefix = prefix
         self._lock_timeout_s = lock_timeout_s
-        self._redis.ping()  # fail at start-up, clearly, not on the first query
 
     def _key(self, client: str) -> str:
         return f"{self._prefix}:client:{client}"

@@ -236,8 +236,9 @@ def serve(
     for key, value in overrides.items():
         if value is not None:
             os.environ[f"MLAAS_{key.upper()}"] = value
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    log_config["loggers"]["server"] = {"handlers": ["default"], "level": log_level.upper()}
+    from server.redaction import redacting_log_config
+
+    log_config = redacting_log_config(copy.deepcopy(uvicorn.config.LOGGING_CONFIG), log_level)
     uvicorn.run(
         "server.app:create_app_from_env",
         log_config=log_config,
@@ -256,13 +257,24 @@ def keys_create(
     granularity: Annotated[
         str | None, typer.Option(help="Override the deployment's granularity for this client")
     ] = None,
+    rate_limit: Annotated[
+        float | None, typer.Option(min=0.001, help="Images per second (default: the server's)")
+    ] = None,
+    rate_burst: Annotated[
+        int | None, typer.Option(min=1, help="Images at once (default: one second's worth)")
+    ] = None,
+    daily_quota: Annotated[
+        int | None, typer.Option(min=1, help="Images per UTC day (default: the server's)")
+    ] = None,
 ) -> None:
     """Create a client and print its API key (once, alone on standard output)."""
     from server.keys import KeyStore, KeyStoreError
+    from server.ratelimit import LimitSpec
 
     engine = _database(_server_settings())
     try:
-        key = KeyStore(engine).create(name, granularity)
+        limits = LimitSpec(rate=rate_limit, burst=rate_burst, daily_quota=daily_quota)
+        key = KeyStore(engine).create(name, granularity, limits)
     except (KeyStoreError, ValueError) as exc:
         raise fail(str(exc)) from exc
     err.print(f"created client [bold]{name}[/]; the key is shown once:")
@@ -281,10 +293,14 @@ def keys_list(fmt: Annotated[Format, typer.Option("--format")] = Format.table) -
             "granularity": k.granularity,
             "created_at": k.created_at.isoformat(),
             "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+            "rate_limit": k.limits.rate,
+            "rate_burst": k.limits.burst,
+            "daily_quota": k.limits.daily_quota,
         }
         for k in KeyStore(_database(_server_settings())).list()
     ]
-    _emit(rows, fmt, columns=["name", "key_prefix", "granularity", "created_at", "revoked_at"])
+    columns = ["name", "key_prefix", "granularity", "rate_limit", "daily_quota", "created_at"]
+    _emit(rows, fmt, columns=[*columns, "revoked_at"])
 
 
 @keys_app.command("revoke")

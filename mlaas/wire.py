@@ -29,7 +29,8 @@ def encode_npy(images: np.ndarray) -> bytes:
 
 def decode_npy(data: bytes) -> np.ndarray:
     """Parse ``.npy`` bytes without ever unpickling (a request body is untrusted)."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    # The .npy reader itself, not np.load, which opens a zip (.npz) body as an archive.
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
 
 
 def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:

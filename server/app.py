@@ -13,13 +13,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from redis import Redis
+from redis.exceptions import RedisError
 from threadpoolctl import threadpool_limits
 
 from defense.detectors import load_detector
 from defense.monitor import Monitor, Policy
 from defense.perturb import Perturbation
-from defense.state import MemoryStore, RedisStore
+from defense.state import MemoryStore, RedisStore, connect_redis
 from server.dashboard import router as dashboard_router
 from server.db import init_db, make_engine
 from server.errors import error_response, install_error_handlers
@@ -27,7 +30,8 @@ from server.inference import MicroBatcher, Victim
 from server.inputs import BodySizeLimit, BodyTooLarge, Limits
 from server.keys import KeyStore
 from server.metrics import MetricsMiddleware, ServiceMetrics
-from server.querylog import QueryLogWriter
+from server.querylog import LogMode, LogUnavailable, QueryLogWriter
+from server.ratelimit import LimitSpec, MemoryRateLimiter, RedisRateLimiter
 from server.routes import admin_router, public_router
 from server.settings import ServerSettings, parse_deception
 from server.shaping import Granularity
@@ -36,7 +40,7 @@ from server.state import CountRejections, ServiceState
 log = logging.getLogger(__name__)
 
 
-def build_monitor(settings: ServerSettings) -> Monitor | None:
+def build_monitor(settings: ServerSettings, redis_client: Redis | None) -> Monitor | None:
     """The detectors the settings name, on in-process or Redis state; None when there are none."""
     if not settings.detector_names:
         return None
@@ -45,11 +49,20 @@ def build_monitor(settings: ServerSettings) -> Monitor | None:
         for name in settings.detector_names
     ]
     store = (
-        RedisStore(settings.redis_url, prefix=settings.redis_prefix)
-        if settings.redis_url
+        RedisStore(redis_client, prefix=settings.redis_prefix)
+        if redis_client is not None
         else MemoryStore()
     )
     return Monitor(detectors, store, Policy(settings.policy))
+
+
+def _check_redis(client: Redis) -> None:
+    try:
+        client.ping()
+    except RedisError as exc:
+        # Not fatal: the service starts, /readyz says what is missing, and requests follow
+        # MLAAS_REDIS_FAILURE until Redis answers (the client reconnects by itself).
+        log.warning("redis does not answer at start-up: %s", exc)
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
@@ -73,16 +86,33 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         )
         writer = QueryLogWriter(
             engine,
+            mode=settings.log_mode,
             store_inputs=settings.log_inputs,
             flush_rows=settings.log_flush_rows,
             flush_interval_s=settings.log_flush_interval_ms / 1000.0,
+            max_buffered_rows=settings.log_buffer_rows,
         )
-        monitor = await asyncio.to_thread(build_monitor, settings)
+        redis_client = connect_redis(settings.redis_url) if settings.redis_url else None
+        if redis_client is not None:
+            await asyncio.to_thread(_check_redis, redis_client)
+        monitor = await asyncio.to_thread(build_monitor, settings, redis_client)
+        limiter = (
+            RedisRateLimiter(redis_client, prefix=settings.redis_prefix)
+            if redis_client is not None
+            else MemoryRateLimiter()
+        )
         batcher.start()
         app.state.service = ServiceState(
             settings=settings,
             engine=engine,
-            keys=KeyStore(engine),
+            keys=KeyStore(engine, serve_through_outages=settings.log_mode is LogMode.buffered),
+            redis=redis_client,
+            limiter=limiter,
+            limits_default=LimitSpec(
+                rate=settings.rate_limit,
+                burst=settings.rate_burst,
+                daily_quota=settings.daily_quota,
+            ),
             victim=victim,
             batcher=batcher,
             writer=writer,
@@ -103,14 +133,23 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             settings.policy,
             "redis" if settings.redis_url else "in-process",
         )
+        log.info(
+            "query log %s; redis failure: %s; limits: %s; CORS: %s",
+            settings.log_mode,
+            settings.redis_failure if settings.redis_url else "n/a",
+            app.state.service.limits_default,
+            ", ".join(settings.cors_origin_list) or "closed",
+        )
         try:
             yield
         finally:
             await batcher.stop()
-            await asyncio.to_thread(writer.close)
+            await asyncio.to_thread(writer.close, settings.log_shutdown_timeout_s)
             log.info("query log flushed: %d rows written", writer.written)
-            if monitor is not None:
-                monitor.store.close()
+            if writer.lost:
+                log.error("query log: %d answered rows could not be written", writer.lost)
+            if redis_client is not None:
+                redis_client.close()
             engine.dispose()
 
     app = FastAPI(
@@ -128,10 +167,27 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return error_response(413, "payload_too_large", str(exc))
 
+    @app.exception_handler(LogUnavailable)
+    async def _log_unavailable(request: Request, exc: LogUnavailable) -> JSONResponse:
+        # Fail closed: an answer that cannot be logged is not given.
+        return error_response(
+            503, "query_log_unavailable", f"{exc}; retry shortly", {"Retry-After": "1"}
+        )
+
     # The last added runs first: count every refusal, the body-size ones included.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(CountRejections)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors_origin_list:
+        # Closed unless origins are named: a page elsewhere must not read answers with a
+        # visitor's credentials. Only the prediction API's reads and posts are allowed.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+            allow_credentials=False,
+        )
     app.include_router(public_router)
     app.include_router(dashboard_router)
     app.include_router(admin_router)

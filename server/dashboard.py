@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from server.errors import ApiError
 from server.querylog import count_queries, fetch_alerts, fetch_queries
-from server.routes import ADMIN_COOKIE, require_admin
+from server.routes import ADMIN_COOKIE, admin_errors, require_admin
 from server.state import get_state
 
 router = APIRouter()
@@ -58,7 +58,12 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@router.get("/admin/dashboard/data", dependencies=[Depends(require_admin)], tags=["admin"])
+@router.get(
+    "/admin/dashboard/data",
+    dependencies=[Depends(require_admin)],
+    responses=admin_errors(422, 503),
+    tags=["admin"],
+)
 def dashboard_data(request: Request, client: str = "", filter: str = "") -> dict[str, Any]:
     state = get_state(request)
     engine = state.engine

@@ -59,6 +59,10 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     key_prefix: Mapped[str] = mapped_column(String(16))
     granularity: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # This key's own rate limit and quota; None: the deployment's.
+    rate_limit: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rate_burst: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    daily_quota: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
@@ -79,8 +83,16 @@ class QueryRecord(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     granularity: Mapped[str] = mapped_column(String(64))
     scores: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # An idempotent request's key and the image's place in it: a retried request is answered
+    # from these rows, after a restart or on another replica, and the unique index makes a
+    # request's rows land once even when two replicas race on the same key.
+    request_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    position: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
-    __table_args__ = (Index("ix_queries_client_time", "client", "created_at"),)
+    __table_args__ = (
+        Index("ix_queries_client_time", "client", "created_at"),
+        Index("ux_queries_request", "client", "request_key", "position", unique=True),
+    )
 
 
 class AlertRecord(Base):
@@ -115,7 +127,17 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # pre-ping: a database that restarted costs one failed check, not a failed request; the
+    # timeouts make an unreachable database a quick 503 rather than a hung request.
+    connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        pool_timeout=10,
+        connect_args=connect_args,
+    )
 
 
 def init_db(engine: Engine) -> None:

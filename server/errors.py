@@ -10,9 +10,14 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+_RETRY = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 class ApiError(Exception):
@@ -65,6 +70,22 @@ def install_error_handlers(app: FastAPI) -> None:
             for err in exc.errors()
         )
         return error_response(422, "invalid_request", problems or "invalid request")
+
+    # Outages of what the service depends on are the client's cue to retry, not a bug: 503
+    # with Retry-After, and the details (hosts, ports) stay in the server's log.
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_down(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        log.warning("database error on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503, "database_unavailable", "the database is unavailable; retry shortly", _RETRY
+        )
+
+    @app.exception_handler(RedisError)
+    async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        log.warning("redis error on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503, "state_store_unavailable", "the detector state store is unavailable", _RETRY
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -3,8 +3,10 @@
 A client that lost a response (a dropped connection, a crash after sending) cannot know
 whether the provider answered. Resending the same request with the same ``Idempotency-Key``
 header returns the first answer again, with ``Idempotent-Replayed: true``, and neither logs
-nor bills the images twice. Keys are scoped per client and remembered for ``ttl_s`` in this
-process (a bounded LRU), which covers retries; they do not survive a restart.
+nor bills the images twice. Keys are scoped per client. This process remembers them for
+``ttl_s`` (a bounded LRU), which also makes concurrent duplicates wait for the first; the
+query log remembers them for good, so a retry after a restart, or on another replica, is
+answered from the logged rows.
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ class IdempotencyCache:
         key: str,
         fingerprint: str,
         compute: Callable[[], Awaitable[PredictResponse]],
+        recall: Callable[[], Awaitable[PredictResponse | None]] | None = None,
     ) -> tuple[PredictResponse, bool]:
         """The answer for ``(client, key)`` and whether it is a replay.
 
         Concurrent duplicates wait for the first; a failed computation is forgotten, so that a
-        retry computes afresh. The same key with a different body is refused (422).
+        retry computes afresh. The same key with a different body is refused (422). On a miss,
+        ``recall`` may find an answer given before this process remembered it (the query log
+        keeps them: after a restart, or from another replica).
         """
         if not key or len(key) > MAX_KEY_LENGTH:
             raise ApiError(
@@ -67,8 +72,12 @@ class IdempotencyCache:
             return await asyncio.shield(entry.answer), True
         future: asyncio.Future[PredictResponse] = asyncio.get_running_loop().create_future()
         self._entries[slot] = _Entry(fingerprint, time.monotonic(), future)
+        replayed = False
         try:
-            answer = await compute()
+            answer = await recall() if recall is not None else None
+            replayed = answer is not None
+            if answer is None:
+                answer = await compute()
         except BaseException as exc:
             self._entries.pop(slot, None)
             if isinstance(exc, asyncio.CancelledError):
@@ -78,7 +87,7 @@ class IdempotencyCache:
                 future.exception()  # mark it retrieved: duplicates re-raise it themselves
             raise
         future.set_result(answer)
-        return answer, False
+        return answer, replayed
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -11,15 +11,16 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from server.db import ApiKey, utcnow
+from server.ratelimit import LimitSpec
 from server.shaping import Granularity
 
 KEY_PREFIX = "mlk_"
@@ -42,6 +43,16 @@ class UnknownClient(KeyStoreError):
 class Client:
     name: str
     granularity: Granularity | None
+    limits: LimitSpec = field(default_factory=LimitSpec)
+    """The key's own rate limit and quota; unset fields fall back to the deployment's."""
+
+    def limits_over(self, default: LimitSpec) -> LimitSpec:
+        own = self.limits
+        return LimitSpec(
+            rate=own.rate if own.rate is not None else default.rate,
+            burst=own.burst if own.burst is not None else default.burst,
+            daily_quota=own.daily_quota if own.daily_quota is not None else default.daily_quota,
+        )
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,11 @@ class KeyInfo:
     granularity: str | None
     created_at: datetime
     revoked_at: datetime | None
+    limits: LimitSpec = field(default_factory=LimitSpec)
+
+
+def _limits_of(row: ApiKey) -> LimitSpec:
+    return LimitSpec(rate=row.rate_limit, burst=row.rate_burst, daily_quota=row.daily_quota)
 
 
 def hash_key(key: str) -> str:
@@ -58,10 +74,17 @@ def hash_key(key: str) -> str:
 
 
 class KeyStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, serve_through_outages: bool = False) -> None:
+        """With ``serve_through_outages``, keys seen valid before a database outage keep
+        working during it (buffered logging); otherwise every request asks the database, so
+        a revocation takes effect at once and an outage refuses everyone."""
         self._engine = engine
+        self._serve_through_outages = serve_through_outages
+        self._last_known: dict[str, Client] = {}
 
-    def create(self, name: str, granularity: str | None = None) -> str:
+    def create(
+        self, name: str, granularity: str | None = None, limits: LimitSpec | None = None
+    ) -> str:
         """Create a client and return its key; the key is never stored or shown again."""
         if not _NAME_RE.match(name):
             raise KeyStoreError(
@@ -69,8 +92,17 @@ class KeyStore:
                 "starting with a letter or digit"
             )
         spec = str(Granularity.parse(granularity)) if granularity else None
+        limits = limits or LimitSpec()
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        row = ApiKey(name=name, key_hash=hash_key(key), key_prefix=key[:10], granularity=spec)
+        row = ApiKey(
+            name=name,
+            key_hash=hash_key(key),
+            key_prefix=key[:10],
+            granularity=spec,
+            rate_limit=limits.rate,
+            rate_burst=limits.burst,
+            daily_quota=limits.daily_quota,
+        )
         try:
             with Session(self._engine) as session, session.begin():
                 session.add(row)
@@ -90,13 +122,30 @@ class KeyStore:
         with Session(self._engine) as session:
             rows = session.scalars(select(ApiKey).order_by(ApiKey.created_at)).all()
             return [
-                KeyInfo(r.name, r.key_prefix, r.granularity, r.created_at, r.revoked_at)
+                KeyInfo(
+                    r.name, r.key_prefix, r.granularity, r.created_at, r.revoked_at, _limits_of(r)
+                )
                 for r in rows
             ]
 
     def authenticate(self, key: str) -> Client | None:
         """The client a key belongs to, or None for an unknown or revoked key."""
         digest = hash_key(key)
+        try:
+            client = self._lookup(digest)
+        except SQLAlchemyError:
+            known = self._last_known.get(digest) if self._serve_through_outages else None
+            if known is None:
+                raise
+            return known
+        if self._serve_through_outages:
+            if client is None:
+                self._last_known.pop(digest, None)
+            else:
+                self._last_known[digest] = client
+        return client
+
+    def _lookup(self, digest: str) -> Client | None:
         with Session(self._engine) as session:
             row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
             # The lookup is by hash; the comparison below keeps the final check constant-time.
@@ -105,4 +154,4 @@ class KeyStore:
             if row.revoked_at is not None:
                 return None
             granularity = Granularity.parse(row.granularity) if row.granularity else None
-            return Client(row.name, granularity)
+            return Client(row.name, granularity, _limits_of(row))

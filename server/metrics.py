@@ -41,6 +41,12 @@ class ServiceMetrics:
             registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
         )
+        self.degraded = Counter(
+            "mlaas_degraded_requests_total",
+            "Requests answered without a component that was down (fail-open settings)",
+            ["component"],
+            registry=self.registry,
+        )
         self.alerts = Counter(
             "mlaas_alerts_total",
             "Detector alerts by detector and action",

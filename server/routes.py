@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
+import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -16,12 +20,14 @@ from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defense.detectors import Observation
 from defense.monitor import Policy
-from mlaas.wire import NPY_MEDIA_TYPE, ErrorBody, ModelInfo, PredictResponse
+from mlaas.wire import NPY_MEDIA_TYPE, ErrorBody, ModelInfo, Prediction, PredictResponse
 from server.errors import ApiError
 from server.inputs import (
     SUPPORTED_MEDIA_TYPES,
@@ -33,9 +39,24 @@ from server.inputs import (
     media_type,
 )
 from server.keys import Client, DuplicateClient, KeyStoreError
-from server.querylog import PendingAlert, PendingQuery, count_queries, fetch_alerts, fetch_queries
+from server.querylog import (
+    DuplicateRequest,
+    LogMode,
+    PendingAlert,
+    PendingQuery,
+    count_queries,
+    fetch_alerts,
+    fetch_queries,
+    fetch_request,
+    image_sha256,
+)
+from server.ratelimit import Decision, LimitSpec
+from server.settings import RedisFailure
 from server.shaping import Granularity
 from server.state import ServiceState, get_state
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `mlaas keys create`")
 _admin_bearer = HTTPBearer(
@@ -44,16 +65,49 @@ _admin_bearer = HTTPBearer(
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 AdminCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
-    for status, description in {
+_RETRY_AFTER = {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+
+
+def _error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for refusals: every error body is an ``ErrorBody``."""
+    return {
+        status: {"model": ErrorBody, "description": description}
+        for status, description in descriptions.items()
+    }
+
+
+# What POST /v1/predict can answer besides 200 (tests/test_fuzz.py holds the API to it).
+_ERRORS = _error_responses(
+    {
         401: "Missing, unknown or revoked API key",
-        413: "Body, image count or pixel count over the limits",
+        403: "The client is blocked: flagged as a likely model-extraction attempt",
+        413: "Body, image count or pixel count over the limits, or more images than the "
+        "key's rate limit or quota could ever allow",
         415: "Unsupported content type",
-        422: "An image that cannot be decoded, or a malformed body",
-        503: "The service is not ready",
-    }.items()
-}
+        422: "An image that cannot be decoded, a malformed body, or a reused Idempotency-Key",
+        429: "The key's rate limit or daily quota is used up",
+        503: "The query log, the database or the detector state store is unavailable",
+    }
+)
+_ERRORS[429]["headers"] = {"Retry-After": {**_RETRY_AFTER, "required": True}}
+_ERRORS[503]["headers"] = {"Retry-After": _RETRY_AFTER}
+
+_ADMIN_ERRORS = _error_responses(
+    {
+        401: "Missing or wrong admin token",
+        403: "Admin routes are disabled: MLAAS_ADMIN_TOKEN is not set",
+        404: "No such client",
+        409: "A client of that name exists",
+        422: "A malformed query parameter or body",
+        503: "The database is unavailable",
+    }
+)
+
+
+def admin_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The documented refusals of an admin route: 401 and 403, and the given statuses."""
+    return {status: _ADMIN_ERRORS[status] for status in (401, 403, *statuses)}
+
 
 _PREDICT_BODY = {
     "requestBody": {
@@ -65,6 +119,7 @@ _PREDICT_BODY = {
                     "properties": {
                         "file": {
                             "type": "array",
+                            "minItems": 1,
                             "items": {"type": "string", "format": "binary"},
                             "description": "One or more image files (PNG, JPEG, ...)",
                         }
@@ -177,7 +232,7 @@ async def predict(
         str | None,
         Header(
             description="Resending a request with the same key returns the first answer "
-            "and is neither logged nor counted again"
+            "(after a restart too) and is neither logged nor counted again"
         ),
     ] = None,
 ) -> PredictResponse:
@@ -187,21 +242,43 @@ async def predict(
     batch = await _read_batch(request, state)
     if idempotency_key is None:
         return await _answer(state, client, batch, started)
-    fingerprint = hashlib.sha256(batch.images.tobytes()).hexdigest()
+    hashes = [image_sha256(image) for image in batch.images]
+    fingerprint = hashlib.sha256("".join(hashes).encode()).hexdigest()
     answer, replayed = await state.idempotency.run(
-        client.name, idempotency_key, fingerprint, lambda: _answer(state, client, batch, started)
+        client.name,
+        idempotency_key,
+        fingerprint,
+        compute=lambda: _answer(state, client, batch, started, idempotency_key, hashes),
+        recall=lambda: _recall(state, client, idempotency_key, hashes),
     )
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return answer
 
 
+async def _degradable(
+    state: ServiceState, call: Callable[..., T], *args: Any, in_process: bool = False
+) -> T | None:
+    """Run a call that may need Redis; None when Redis is down and the deployment fails open.
+
+    ``in_process`` calls (no I/O) run on the event loop: a thread hop would cost more.
+    """
+    try:
+        return call(*args) if in_process else await run_in_threadpool(call, *args)
+    except RedisError as exc:
+        if state.settings.redis_failure is RedisFailure.closed:
+            raise
+        state.metrics.degraded.labels("redis").inc()
+        log.warning("redis unavailable, answering without it (MLAAS_REDIS_FAILURE=open): %s", exc)
+        return None
+
+
 async def _refuse_blocked(state: ServiceState, client: Client) -> None:
     monitor = state.monitor
     if monitor is None or monitor.policy is not Policy.block:
         return
-    status = await run_in_threadpool(monitor.status, client.name)
-    if status.flagged:
+    status = await _degradable(state, monitor.status, client.name)
+    if status is not None and status.flagged:
         raise ApiError(
             403,
             "client_blocked",
@@ -210,8 +287,96 @@ async def _refuse_blocked(state: ServiceState, client: Client) -> None:
         )
 
 
+async def _recall(
+    state: ServiceState, client: Client, request_key: str, hashes: list[str]
+) -> PredictResponse | None:
+    """The logged answer to an idempotent request this service answered before, if any."""
+    try:
+        rows = await run_in_threadpool(fetch_request, state.engine, client.name, request_key)
+    except SQLAlchemyError:
+        if state.writer.mode is LogMode.durable:
+            raise
+        return None  # buffered: answer afresh rather than refuse during a database outage
+    if not rows:
+        return None
+    if [row["input_sha256"] for row in rows] != hashes:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request body",
+        )
+    return PredictResponse(
+        model=state.victim.card.name,
+        granularity=rows[0]["granularity"],
+        predictions=[Prediction(query_id=row["id"], **row["payload"]) for row in rows],
+    )
+
+
+def _rate_limited(decision: Decision, cost: int) -> ApiError:
+    what = "daily quota" if decision.reason == "quota" else "rate limit"
+    if math.isinf(decision.retry_after_s):
+        return ApiError(
+            413,
+            "over_limit",
+            f"{cost} images in one request can never fit this key's {what}; send fewer",
+        )
+    retry_after = max(1, math.ceil(decision.retry_after_s))
+    return ApiError(
+        429,
+        "rate_limited",
+        f"this key's {what} is used up; retry in {retry_after} s",
+        {"Retry-After": str(retry_after)},
+    )
+
+
 async def _answer(
-    state: ServiceState, client: Client, batch: DecodedBatch, started: float
+    state: ServiceState,
+    client: Client,
+    batch: DecodedBatch,
+    started: float,
+    request_key: str | None = None,
+    hashes: list[str] | None = None,
+) -> PredictResponse:
+    cost = len(batch.images)
+    limits = client.limits_over(state.limits_default)
+    charged = False
+    if not limits.unlimited:
+        decision = await _degradable(
+            state,
+            state.limiter.acquire,
+            client.name,
+            cost,
+            limits,
+            in_process=state.limiter.in_process,
+        )
+        if decision is not None:
+            if not decision.allowed:
+                raise _rate_limited(decision, cost)
+            charged = True
+    try:
+        answer = await _infer_and_log(state, client, batch, started, request_key, hashes)
+    except BaseException:
+        if charged:  # nothing was answered: give the images back
+            await _degradable(
+                state,
+                state.limiter.refund,
+                client.name,
+                cost,
+                limits,
+                in_process=state.limiter.in_process,
+            )
+        raise
+    state.metrics.answered.labels(client.name).inc(cost)
+    return answer
+
+
+async def _infer_and_log(
+    state: ServiceState,
+    client: Client,
+    batch: DecodedBatch,
+    started: float,
+    request_key: str | None,
+    hashes: list[str] | None,
 ) -> PredictResponse:
     output = await state.batcher.submit(batch.images)
     probs = state.perturbation.apply(output.probs, state.rng)
@@ -225,24 +390,24 @@ async def _answer(
             # frees the event loop for (measured by bench/detection.py).
             verdict = state.monitor.observe(client.name, observation)
         else:
-            verdict = await run_in_threadpool(state.monitor.observe, client.name, observation)
-        scores = verdict.scores
-        alerts = [PendingAlert(**asdict(alert)) for alert in verdict.alerts]
-        for alert in verdict.alerts:
-            state.metrics.alerts.labels(alert.detector, alert.action).inc()
-        if verdict.status.flagged and state.monitor.policy is Policy.deceive:
-            if isinstance(state.deception, Granularity):
-                granularity = state.deception
-            else:
-                probs = state.deception.apply(probs, state.rng)
-    state.metrics.answered.labels(client.name).inc(len(output))
+            verdict = await _degradable(state, state.monitor.observe, client.name, observation)
+        if verdict is not None:
+            scores = verdict.scores
+            alerts = [PendingAlert(**asdict(alert)) for alert in verdict.alerts]
+            for alert in verdict.alerts:
+                state.metrics.alerts.labels(alert.detector, alert.action).inc()
+            if verdict.status.flagged and state.monitor.policy is Policy.deceive:
+                if isinstance(state.deception, Granularity):
+                    granularity = state.deception
+                else:
+                    probs = state.deception.apply(probs, state.rng)
     query_ids = [uuid.uuid4().hex for _ in range(len(output))]
     predictions = granularity.shape(probs, state.victim.classes, query_ids)
     answered_at = datetime.now(UTC)
     latency_ms = (time.perf_counter() - started) * 1000.0
     spec = str(granularity)
     predicted = output.probs.argmax(axis=1)
-    state.writer.submit(
+    logged = state.writer.submit(
         [
             PendingQuery(
                 id=prediction.query_id,
@@ -255,6 +420,9 @@ async def _answer(
                 latency_ms=latency_ms,
                 granularity=spec,
                 scores=scores[i] if scores is not None else None,
+                request_key=request_key,
+                position=i if request_key is not None else None,
+                input_sha256=hashes[i] if hashes is not None else None,
             )
             for i, (prediction, image, sent_shape, label) in enumerate(
                 zip(predictions, batch.images, batch.original_shapes, predicted, strict=True)
@@ -262,7 +430,19 @@ async def _answer(
         ]
         + alerts
     )
-    return PredictResponse(model=state.victim.card.name, granularity=spec, predictions=predictions)
+    answer = PredictResponse(
+        model=state.victim.card.name, granularity=spec, predictions=predictions
+    )
+    if state.writer.mode is LogMode.durable:
+        try:
+            await asyncio.wrap_future(logged)
+        except DuplicateRequest:
+            # Another replica answered this idempotent request first: its answer stands.
+            recalled = await _recall(state, client, request_key or "", hashes or [])
+            if recalled is None:
+                raise
+            return recalled
+    return answer
 
 
 @public_router.get("/v1/model", response_model=ModelInfo, summary="The public model card")
@@ -283,26 +463,44 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@public_router.get("/readyz", summary="Readiness: model, batcher, log writer and database")
+@public_router.get(
+    "/readyz",
+    responses=_error_responses({503: "Not ready: a component it needs does not answer"}),
+    summary="Readiness: model, batcher, log writer, database and Redis",
+)
 async def readyz(request: Request) -> dict[str, Any]:
+    """503 while a request would be refused for want of a component. What the deployment
+    answers without (a database under buffered logging, Redis failing open) is listed as
+    ``degraded`` instead, so that a load balancer keeps sending traffic."""
     state: ServiceState | None = getattr(request.app.state, "service", None)
     if state is None:
         raise ApiError(503, "not_ready", "the service is starting")
-    problems = []
+    problems, degraded = [], []
     if not state.batcher.running:
         problems.append("the model's batcher is not running")
     if not state.writer.alive:
         problems.append("the query log writer has stopped")
     try:
-        await run_in_threadpool(_ping, state)
+        await run_in_threadpool(_ping_database, state)
     except Exception:
-        problems.append("the database does not answer")
+        if state.writer.mode is LogMode.durable:
+            problems.append("the database does not answer")
+        else:
+            degraded.append("the database does not answer (answers are buffered)")
+    if state.redis is not None:
+        try:
+            await run_in_threadpool(state.redis.ping)
+        except RedisError:
+            if state.settings.redis_failure is RedisFailure.closed:
+                problems.append("redis does not answer")
+            else:
+                degraded.append("redis does not answer (no detection or rate limits)")
     if problems:
         raise ApiError(503, "not_ready", "; ".join(problems))
-    return {"status": "ready", "model": state.victim.card.name}
+    return {"status": "ready", "model": state.victim.card.name, "degraded": degraded}
 
 
-def _ping(state: ServiceState) -> None:
+def _ping_database(state: ServiceState) -> None:
     with state.engine.connect() as connection:
         connection.execute(text("SELECT 1"))
 
@@ -312,6 +510,13 @@ class NewKey(BaseModel):
     granularity: str | None = Field(
         default=None, description="Overrides the deployment's granularity for this key"
     )
+    rate_limit: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Images per second for this key"
+    )
+    rate_burst: int | None = Field(
+        default=None, ge=1, description="Images this key may send at once"
+    )
+    daily_quota: int | None = Field(default=None, ge=1, description="Images per UTC day")
 
 
 class CreatedKey(BaseModel):
@@ -324,11 +529,13 @@ class CreatedKey(BaseModel):
     response_model=CreatedKey,
     status_code=201,
     dependencies=[Depends(require_admin)],
+    responses=admin_errors(409, 422, 503),
     summary="Create an API key",
 )
 def create_key(request: Request, body: NewKey) -> CreatedKey:
     try:
-        key = get_state(request).keys.create(body.name, body.granularity)
+        limits = LimitSpec(body.rate_limit, body.rate_burst, body.daily_quota)
+        key = get_state(request).keys.create(body.name, body.granularity, limits)
     except DuplicateClient as exc:
         raise ApiError(409, "client_exists", str(exc)) from exc
     except (KeyStoreError, ValueError) as exc:
@@ -336,7 +543,12 @@ def create_key(request: Request, body: NewKey) -> CreatedKey:
     return CreatedKey(name=body.name, key=key)
 
 
-@admin_router.get("/queries", dependencies=[Depends(require_admin)], summary="The query log")
+@admin_router.get(
+    "/queries",
+    dependencies=[Depends(require_admin)],
+    responses=admin_errors(422, 503),
+    summary="The query log",
+)
 def list_queries(
     request: Request,
     client: str | None = None,
@@ -357,7 +569,12 @@ def list_queries(
     )
 
 
-@admin_router.get("/stats", dependencies=[Depends(require_admin)], summary="Service counters")
+@admin_router.get(
+    "/stats",
+    dependencies=[Depends(require_admin)],
+    responses=admin_errors(),
+    summary="Service counters",
+)
 def stats(request: Request) -> dict[str, Any]:
     state = get_state(request)
     return {
@@ -373,7 +590,12 @@ def stats(request: Request) -> dict[str, Any]:
     }
 
 
-@admin_router.get("/alerts", dependencies=[Depends(require_admin)], summary="Detector alerts")
+@admin_router.get(
+    "/alerts",
+    dependencies=[Depends(require_admin)],
+    responses=admin_errors(422, 503),
+    summary="Detector alerts",
+)
 def list_alerts(
     request: Request,
     client: str | None = None,
@@ -386,7 +608,10 @@ def list_alerts(
 
 
 @admin_router.get(
-    "/clients/{name}", dependencies=[Depends(require_admin)], summary="One client's standing"
+    "/clients/{name}",
+    dependencies=[Depends(require_admin)],
+    responses=admin_errors(404, 422, 503),
+    summary="One client's standing",
 )
 def client_standing(request: Request, name: str) -> dict[str, Any]:
     state = get_state(request)
@@ -415,6 +640,7 @@ def client_standing(request: Request, name: str) -> dict[str, Any]:
 @public_router.get(
     "/metrics",
     dependencies=[Depends(require_admin)],
+    responses=admin_errors(),
     summary="Prometheus metrics (admin token: the labels name clients)",
     response_class=PlainTextResponse,
 )

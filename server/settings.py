@@ -7,6 +7,7 @@ Precedence, highest first: explicit arguments, environment, ``.env``, the TOML f
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -21,6 +22,7 @@ from defense.detectors import DETECTORS
 from defense.monitor import Policy
 from defense.perturb import Perturbation
 from mlaas.config import CommonSettings
+from server.querylog import LogMode
 from server.shaping import Granularity
 
 
@@ -36,6 +38,11 @@ def parse_deception(spec: str) -> Perturbation | Granularity:
         raise ValueError(
             f"deceive {spec!r}: a perturbation (reverse-sigmoid:B:G, noise:S) or a granularity"
         ) from None
+
+
+class RedisFailure(StrEnum):
+    closed = "closed"
+    open = "open"
 
 
 class ServerSettings(CommonSettings):
@@ -84,6 +91,36 @@ class ServerSettings(CommonSettings):
         default="mlaas", description="Key prefix, so that deployments can share one Redis"
     )
 
+    log_mode: LogMode = Field(
+        default=LogMode.durable,
+        description="durable: answer only once the query is committed to the log (a database "
+        "outage means 503); buffered: answer at once, rows wait in memory for the database",
+    )
+    log_buffer_rows: int = Field(
+        default=100_000, ge=1, description="buffered mode: rows held before refusing with 503"
+    )
+    log_shutdown_timeout_s: float = Field(
+        default=30.0, gt=0, description="buffered mode: how long a stop waits for the database"
+    )
+    redis_failure: RedisFailure = Field(
+        default=RedisFailure.closed,
+        description="closed: Redis down means 503 for predictions; open: answer without "
+        "detector scores and rate limits until it returns",
+    )
+    rate_limit: float | None = Field(
+        default=None, gt=0, description="Images per second per key; unset: no rate limit"
+    )
+    rate_burst: int | None = Field(
+        default=None, ge=1, description="Images a key may send at once; default: one second's"
+    )
+    daily_quota: int | None = Field(
+        default=None, ge=1, description="Images per key per UTC day; unset: no quota"
+    )
+    cors_origins: str = Field(
+        default="",
+        description="Comma-separated origins allowed to call the API from a browser; "
+        "empty: CORS closed (no browser page elsewhere may read an answer)",
+    )
     log_inputs: bool = Field(default=True, description="Store each query's input as PNG")
     log_flush_rows: int = Field(default=512, ge=1)
     log_flush_interval_ms: float = Field(default=100.0, gt=0)
@@ -122,6 +159,10 @@ class ServerSettings(CommonSettings):
     @property
     def detector_names(self) -> list[str]:
         return [n for n in self.detectors.split(",") if n]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def resolved_defense_dir(self) -> Path:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi import Request
+from redis import Redis
 from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,6 +19,7 @@ from server.inputs import Limits
 from server.keys import KeyStore
 from server.metrics import ServiceMetrics
 from server.querylog import QueryLogWriter
+from server.ratelimit import LimitSpec, MemoryRateLimiter, RateLimiter
 from server.settings import ServerSettings
 from server.shaping import Granularity
 
@@ -32,6 +34,10 @@ class ServiceState:
     writer: QueryLogWriter
     granularity: Granularity
     limits: Limits
+    redis: Redis | None = None
+    limiter: RateLimiter = field(default_factory=MemoryRateLimiter)
+    limits_default: LimitSpec = field(default_factory=LimitSpec)
+    """The deployment's rate limit and quota; a key's own settings override them."""
     monitor: Monitor | None = None
     perturbation: Perturbation = field(default_factory=Perturbation)
     deception: Perturbation | Granularity = field(default_factory=Perturbation)

@@ -93,3 +93,6 @@ def make_client(tiny_victim: Path, tmp_path: Path) -> Iterator[Callable[..., Tes
             return stack.enter_context(TestClient(create_app(settings)))
 
         yield make
+
+
+from tests.services import private_postgres, private_postgres_template, private_redis  # noqa: E402, F401

@@ -1,58 +1,159 @@
-"""The query-log writer: batched, off the request path, and it never drops a row."""
+"""The query-log writer: a request's rows land together or not at all, durable mode never
+answers what it could not log, buffered mode never drops a row it accepted."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
 
 import numpy as np
+import pytest
 
 from server.db import init_db, make_engine
-from server.querylog import PendingQuery, QueryLogWriter, count_queries, fetch_queries
+from server.querylog import (
+    DuplicateRequest,
+    LogMode,
+    LogUnavailable,
+    PendingQuery,
+    QueryLogWriter,
+    count_queries,
+    fetch_queries,
+    fetch_request,
+)
 
 
-def pending(client: str, n: int) -> list[PendingQuery]:
-    image = np.zeros((28, 28, 1), dtype=np.uint8)
+def pending(client: str, n: int, request_key: str | None = None) -> list[PendingQuery]:
     return [
         PendingQuery(
             id=uuid.uuid4().hex,
             client=client,
             created_at=datetime.now(UTC),
-            image=image,
+            image=np.full((28, 28, 1), i, dtype=np.uint8),
             input_shape="28x28x1",
             predicted=i % 10,
             payload={"label": i % 10},
             latency_ms=1.0,
             granularity="probs",
+            request_key=request_key,
+            position=i if request_key else None,
         )
         for i in range(n)
     ]
 
 
-def test_close_flushes_every_pending_row(database_url: str) -> None:
+@pytest.mark.parametrize("mode", list(LogMode))
+def test_close_flushes_every_pending_row(database_url: str, mode: LogMode) -> None:
     engine = make_engine(database_url)
     init_db(engine)
-    writer = QueryLogWriter(engine, flush_rows=64, flush_interval_s=10.0)
-    writer.submit(pending("alice", 1000))
-    writer.submit(pending("bob", 7))
+    writer = QueryLogWriter(engine, mode=mode, flush_rows=64, flush_interval_s=10.0)
+    done = [writer.submit(pending("alice", 10)) for _ in range(100)]
+    done.append(writer.submit(pending("bob", 7)))
     writer.close()
+    assert all(f.done() and f.exception() is None for f in done)
     assert count_queries(engine) == 1007
     assert count_queries(engine, "bob") == 7
-    assert writer.written == 1007 and writer.write_errors == 0
+    assert writer.written == 1007 and writer.write_errors == 0 and writer.pending == 0
 
 
-def test_failed_writes_are_retried_not_dropped(tmp_path) -> None:
+def test_durable_commit_completes_the_future_before_the_rows_are_read(tmp_path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'q.db'}")
+    init_db(engine)
+    writer = QueryLogWriter(engine, mode="durable", flush_interval_s=10.0)
+    writer.submit(pending("alice", 3)).result(timeout=10)
+    # No waiting for a flush interval: the commit is what completed the future.
+    assert count_queries(engine, "alice") == 3
+    writer.close()
+
+
+def test_durable_refuses_when_the_database_fails_and_recovers_without_restart(tmp_path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
-    writer = QueryLogWriter(engine, flush_rows=8, flush_interval_s=0.01, max_retry_delay_s=0.05)
-    writer.submit(pending("alice", 5))  # no tables yet: every insert fails
+    writer = QueryLogWriter(engine, mode="durable")
+    refused = writer.submit(pending("alice", 5))  # no tables yet: the insert fails
+    with pytest.raises(LogUnavailable):
+        refused.result(timeout=10)
+    assert not writer.healthy and writer.written == 0 and writer.pending == 0
+    init_db(engine)  # the database is back
+    writer.submit(pending("alice", 2)).result(timeout=10)
+    assert writer.healthy
+    writer.close()
+    assert count_queries(engine) == 2  # the refused five were never logged
+
+
+def test_a_duplicate_request_fails_alone_in_its_group_commit(tmp_path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'q.db'}")
+    init_db(engine)
+    writer = QueryLogWriter(engine, mode="durable")
+    writer.submit(pending("alice", 3, request_key="k1")).result(timeout=10)
+    # Hold the writer on a first unit so that the next three are committed as one group.
+    gate = threading.Event()
+    original = writer._insert
+
+    def held(units):
+        gate.wait(10)
+        return original(units)
+
+    writer._insert = held  # type: ignore[method-assign]
+    first = writer.submit(pending("carol", 1))
+    time.sleep(0.1)
+    group = [
+        writer.submit(pending("bob", 2)),
+        writer.submit(pending("alice", 3, request_key="k1")),  # already logged
+        writer.submit(pending("bob", 4, request_key="k2")),
+    ]
+    gate.set()
+    first.result(timeout=10)
+    group[0].result(timeout=10)
+    group[2].result(timeout=10)
+    with pytest.raises(DuplicateRequest):
+        group[1].result(timeout=10)
+    writer.close()
+    assert count_queries(engine, "bob") == 6 and count_queries(engine, "alice") == 3
+    recalled = fetch_request(engine, "bob", "k2")
+    assert [r["payload"]["label"] for r in recalled] == [0, 1, 2, 3]
+
+
+def test_buffered_failed_writes_are_retried_not_dropped(tmp_path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
+    writer = QueryLogWriter(
+        engine, mode="buffered", flush_rows=8, flush_interval_s=0.01, max_retry_delay_s=0.05
+    )
+    done = writer.submit(pending("alice", 5))  # no tables yet: every insert fails
     deadline = time.monotonic() + 10
     while writer.write_errors < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert writer.write_errors >= 2 and writer.written == 0
+    assert writer.write_errors >= 2 and writer.written == 0 and not done.done()
+    assert writer.pending == 5
     init_db(engine)  # the database comes back
+    done.result(timeout=10)
     writer.close()
-    assert count_queries(engine) == 5
+    assert count_queries(engine) == 5 and writer.lost == 0
+
+
+def test_buffered_refuses_once_the_buffer_is_full(tmp_path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
+    writer = QueryLogWriter(
+        engine, mode="buffered", max_buffered_rows=8, flush_interval_s=0.01, max_retry_delay_s=0.05
+    )
+    writer.submit(pending("alice", 6))
+    with pytest.raises(LogUnavailable, match="buffer is full"):
+        writer.submit(pending("alice", 3))
+    writer.submit(pending("alice", 2))  # exactly fills it
+    init_db(engine)
+    writer.close()
+    assert count_queries(engine) == 8
+
+
+def test_buffered_stop_gives_up_after_its_timeout_and_counts_the_loss(tmp_path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'never.db'}")
+    writer = QueryLogWriter(engine, mode="buffered", flush_interval_s=0.01, max_retry_delay_s=0.05)
+    writer.submit(pending("alice", 4))
+    writer.submit(pending("bob", 3))
+    started = time.monotonic()
+    writer.close(timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert writer.lost == 7 and not writer.alive
 
 
 def test_fetch_orders_and_filters(tmp_path) -> None:
