@@ -77,10 +77,17 @@ def _server_settings(**overrides: Any):
 
 
 def _database(settings: Any):
-    from server.db import init_db, make_engine
+    from sqlalchemy.exc import OperationalError
+
+    from server.db import SchemaOutdated, init_db, make_engine
 
     engine = make_engine(settings.resolved_database_url)
-    init_db(engine)
+    try:
+        init_db(engine)
+    except SchemaOutdated as exc:
+        raise fail(str(exc)) from exc
+    except OperationalError as exc:
+        raise fail(f"the database does not answer: {exc.orig}") from exc
     return engine
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     create_engine,
     event,
+    inspect,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -140,5 +141,21 @@ def make_engine(url: str) -> Engine:
     )
 
 
+class SchemaOutdated(RuntimeError):
+    """The database's tables were made by an older version of the testbed."""
+
+
 def init_db(engine: Engine) -> None:
+    """Create missing tables, and refuse clearly to run on tables that lack columns (there are
+    no migrations yet: an error at start beats a 500 on every query)."""
     Base.metadata.create_all(engine)
+    inspector = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing = sorted(set(table.columns.keys()) - present)
+        if missing:
+            raise SchemaOutdated(
+                f"table {table.name!r} in {engine.url.render_as_string(hide_password=True)} "
+                f"lacks columns {', '.join(missing)}: it was made by an older version; "
+                "point MLAAS_DATABASE_URL at a new database (or move the old one away)"
+            )

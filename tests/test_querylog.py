@@ -167,3 +167,15 @@ def test_fetch_orders_and_filters(tmp_path) -> None:
     assert fetch_queries(engine, limit=2, newest_first=True)[0]["client"] == "bob"
     assert len(fetch_queries(engine, client="alice", limit=None)) == 3
     assert fetch_queries(engine, include_input=True, limit=1)[0]["input_png_base64"] is None
+
+
+def test_tables_from_an_older_version_are_refused_clearly(tmp_path) -> None:
+    import sqlite3
+
+    from server.db import SchemaOutdated
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE queries (id TEXT PRIMARY KEY, client TEXT)")
+    with pytest.raises(SchemaOutdated, match="lacks columns .*request_key"):
+        init_db(make_engine(f"sqlite:///{path}"))
