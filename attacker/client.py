@@ -44,6 +44,11 @@ class KeyRefused(RuntimeError):
     """The provider refused an API key (401/403): retrying cannot help."""
 
 
+class RateLimited(RuntimeError):
+    """The provider asked for a wait longer than the client will sit through (a daily quota
+    used up, say). The journal keeps the run: rerun it after the wait."""
+
+
 @dataclass
 class Answers:
     """What the API revealed, as the attacker trains on it."""
@@ -189,6 +194,7 @@ class ExtractionClient:
         max_retries: int = 8,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        max_wait_s: float = 120.0,
         throttle_qps: float | None = None,
         timeout_s: float = 60.0,
         progress: bool = True,
@@ -205,6 +211,7 @@ class ExtractionClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.max_wait_s = max_wait_s
         self.throttle_qps = throttle_qps
         self.timeout_s = timeout_s
         self.cache = AnswerCache(cache_path)
@@ -376,6 +383,11 @@ class ExtractionClient:
                 if exc.status != 429 and exc.status < 500:
                     raise
                 failure, delay = exc, exc.retry_after
+                if delay is not None and delay > self.max_wait_s:
+                    raise RateLimited(
+                        f"the API asks this client to wait {delay:.0f} s ({exc.message}); "
+                        "rerun the attack after that: it resumes where it stopped"
+                    ) from exc
             attempt += 1
             self.retries += 1
             if attempt > self.max_retries:

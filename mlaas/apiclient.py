@@ -86,8 +86,11 @@ class PredictionClient(_Base):
 
 
 class AdminClient(_Base):
-    def create_key(self, name: str, granularity: str | None = None) -> str:
-        response = self._http.post("/admin/keys", json={"name": name, "granularity": granularity})
+    def create_key(self, name: str, granularity: str | None = None, **limits: float) -> str:
+        """A new client's key; ``limits``: ``rate_limit``, ``rate_burst``, ``daily_quota``."""
+        response = self._http.post(
+            "/admin/keys", json={"name": name, "granularity": granularity, **limits}
+        )
         raise_for_error(response)
         return response.json()["key"]
 

@@ -463,7 +463,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars")]
 
 def _attack(attack: str, options: dict[str, Any]) -> None:
     from attacker.attacks import AttackConfig
-    from attacker.client import BudgetExhausted, KeyRefused
+    from attacker.client import BudgetExhausted, KeyRefused, RateLimited
     from attacker.runner import ConfigMismatch, run_attack
     from mlaas.datasets import DatasetUnavailable
     from mlaas.models import PretrainedWeightsUnavailable
@@ -491,7 +491,7 @@ def _attack(attack: str, options: dict[str, Any]) -> None:
             console=err,
         )
     except (
-        KeyRefused, BudgetExhausted, ConfigMismatch, DatasetUnavailable,
+        KeyRefused, RateLimited, BudgetExhausted, ConfigMismatch, DatasetUnavailable,
         PretrainedWeightsUnavailable, ValueError,
     ) as exc:  # fmt: skip
         raise fail(str(exc)) from exc

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 from attacker.attacks import AttackConfig
-from attacker.client import BudgetExhausted, ExtractionClient, KeyRefused, prediction_vector
+from attacker.client import (
+    BudgetExhausted,
+    ExtractionClient,
+    KeyRefused,
+    RateLimited,
+    prediction_vector,
+)
 from attacker.runner import ConfigMismatch, run_attack
 from attacker.strategies import AdaptiveSampler, GradientBandit, softmax
 from mlaas.apiclient import AdminClient
@@ -328,3 +334,32 @@ def test_the_bandit_learns_which_action_pays() -> None:
         action = int(rng.choice(3, p=bandit.policy))
         bandit.update(action, 1.0 if action == 2 else 0.0)
     assert bandit.policy[2] > 0.9
+
+
+def test_a_rate_limited_key_is_slowed_down_not_stopped(live) -> None:
+    name = f"client-{next(_names)}"
+    key = live.admin.create_key(name, rate_limit=100, rate_burst=10)
+    images = load_dataset("natural-crops", InputShape(1, 28, 28)).get_batch(np.arange(60))
+    with ExtractionClient(
+        live.url, key, budget=60, batch_size=10, concurrency=3, progress=False
+    ) as client:
+        got = client.query(images)
+    assert len(got) == 60 and client.retries >= 1  # some batches met a 429 and waited
+    assert answered(live, name) == 60
+
+
+def test_a_used_up_daily_quota_stops_the_attack_clearly(live, tmp_path) -> None:
+    name = f"client-{next(_names)}"
+    key = live.admin.create_key(name, daily_quota=30)
+    images = load_dataset("natural-crops", InputShape(1, 28, 28)).get_batch(np.arange(60))
+    cache = tmp_path / "cache.sqlite"
+    with (
+        ExtractionClient(
+            live.url, key, budget=60, batch_size=10, concurrency=1, cache_path=cache,
+            progress=False,
+        ) as client,
+        pytest.raises(RateLimited, match="rerun the attack"),
+    ):  # fmt: skip
+        client.query(images)
+    assert answered(live, name) == 30
+    assert _cached_answers(tmp_path) == 30  # what was answered is kept for the rerun
