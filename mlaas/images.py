@@ -87,7 +87,9 @@ def to_shape(images: np.ndarray, shape: InputShape) -> np.ndarray:
             images = np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
     if images.shape[1:3] == (shape.height, shape.width):
         return np.ascontiguousarray(images)
-    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    # A decoded request body is read-only; torch wants memory it may write (copied if so).
+    batch = torch.from_numpy(np.require(images, requirements=["C", "W"]))
+    batch = batch.permute(0, 3, 1, 2).float()
     resized = F.interpolate(
         batch,
         size=(shape.height, shape.width),
@@ -104,7 +106,8 @@ def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.T
 
     The division happens on the target device, so only bytes cross the bus to a GPU.
     """
-    batch = torch.from_numpy(np.ascontiguousarray(as_nhwc(images))).to(device, non_blocking=True)
+    writable = np.require(as_nhwc(images), requirements=["C", "W"])
+    batch = torch.from_numpy(writable).to(device, non_blocking=True)
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
 

@@ -24,7 +24,8 @@ from server.ratelimit import LimitSpec
 from server.shaping import Granularity
 
 KEY_PREFIX = "mlk_"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CLIENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_NAME_RE = re.compile(CLIENT_NAME_PATTERN)
 
 
 class KeyStoreError(ValueError):
@@ -86,7 +87,7 @@ class KeyStore:
         self, name: str, granularity: str | None = None, limits: LimitSpec | None = None
     ) -> str:
         """Create a client and return its key; the key is never stored or shown again."""
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):  # match() would let "$" pass a trailing newline
             raise KeyStoreError(
                 f"client name {name!r} must be 1-128 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"

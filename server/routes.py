@@ -38,7 +38,7 @@ from server.inputs import (
     form_files,
     media_type,
 )
-from server.keys import Client, DuplicateClient, KeyStoreError
+from server.keys import CLIENT_NAME_PATTERN, Client, DuplicateClient, KeyStoreError
 from server.querylog import (
     DuplicateRequest,
     LogMode,
@@ -94,6 +94,7 @@ _ERRORS[503]["headers"] = {"Retry-After": _RETRY_AFTER}
 
 _ADMIN_ERRORS = _error_responses(
     {
+        400: "A body that cannot be parsed",
         401: "Missing or wrong admin token",
         403: "Admin routes are disabled: MLAAS_ADMIN_TOKEN is not set",
         404: "No such client",
@@ -104,9 +105,19 @@ _ADMIN_ERRORS = _error_responses(
 )
 
 
-def admin_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The documented refusals of an admin route: 401 and 403, and the given statuses."""
-    return {status: _ADMIN_ERRORS[status] for status in (401, 403, *statuses)}
+def admin_errors(*statuses: int, json: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The documented refusals of an admin route: 401 and 403, and the given statuses.
+
+    ``json`` spells the JSON media type out, for a route whose response class is not JSON.
+    """
+    responses = {status: _ADMIN_ERRORS[status] for status in sorted({401, 403, *statuses})}
+    if not json:
+        return responses
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    return {
+        status: {"description": response["description"], "content": body}
+        for status, response in responses.items()
+    }
 
 
 _PREDICT_BODY = {
@@ -506,17 +517,23 @@ def _ping_database(state: ServiceState) -> None:
 
 
 class NewKey(BaseModel):
-    name: str = Field(description="Client name, unique")
+    name: str = Field(
+        description="Client name, unique",
+        json_schema_extra={"pattern": CLIENT_NAME_PATTERN},  # documented; KeyStore enforces it
+    )
     granularity: str | None = Field(
         default=None, description="Overrides the deployment's granularity for this key"
     )
     rate_limit: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="Images per second for this key"
     )
+    # At most what the keys table's INTEGER columns hold (32 bits in PostgreSQL), else a 500.
     rate_burst: int | None = Field(
-        default=None, ge=1, description="Images this key may send at once"
+        default=None, ge=1, le=2**31 - 1, description="Images this key may send at once"
     )
-    daily_quota: int | None = Field(default=None, ge=1, description="Images per UTC day")
+    daily_quota: int | None = Field(
+        default=None, ge=1, le=2**31 - 1, description="Images per UTC day"
+    )
 
 
 class CreatedKey(BaseModel):
@@ -529,7 +546,7 @@ class CreatedKey(BaseModel):
     response_model=CreatedKey,
     status_code=201,
     dependencies=[Depends(require_admin)],
-    responses=admin_errors(409, 422, 503),
+    responses=admin_errors(400, 409, 422, 503),
     summary="Create an API key",
 )
 def create_key(request: Request, body: NewKey) -> CreatedKey:
@@ -554,7 +571,7 @@ def list_queries(
     client: str | None = None,
     since: datetime | None = Query(default=None, description="ISO 8601 time, inclusive"),
     limit: int = Query(default=100, ge=1, le=1000),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=2**63 - 1),  # a 64-bit SQL integer, else a 500
     include_input: bool = Query(default=False, description="Add each input as base64 PNG"),
 ) -> list[dict[str, Any]]:
     if since is not None and since.tzinfo is None:
@@ -640,7 +657,7 @@ def client_standing(request: Request, name: str) -> dict[str, Any]:
 @public_router.get(
     "/metrics",
     dependencies=[Depends(require_admin)],
-    responses=admin_errors(),
+    responses=admin_errors(json=True),
     summary="Prometheus metrics (admin token: the labels name clients)",
     response_class=PlainTextResponse,
 )
