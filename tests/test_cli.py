@@ -62,3 +62,27 @@ def test_help_lists_the_commands() -> None:
     assert result.exit_code == 0
     for command in ("victim", "serve", "keys", "logs", "demo", "datasets"):
         assert command in result.output
+
+
+def test_keys_carry_their_own_limits(tmp_path, monkeypatch) -> None:
+    import json
+
+    monkeypatch.setenv("MLAAS_DATABASE_URL", f"sqlite:///{tmp_path / 'keys.db'}")
+    runner = CliRunner()
+    created = runner.invoke(app, ["keys", "create", "trial", "--daily-quota", "500"])
+    assert created.exit_code == 0, created.output
+    assert created.stdout.strip().startswith("mlk_")
+    refused = runner.invoke(app, ["keys", "create", "bad", "--rate-limit", "0"])
+    assert refused.exit_code != 0
+    listed = json.loads(runner.invoke(app, ["keys", "list", "--format", "json"]).stdout)
+    assert [(k["name"], k["daily_quota"], k["rate_limit"]) for k in listed] == [
+        ("trial", 500, None)
+    ]
+
+
+def test_an_unreachable_database_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv("MLAAS_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:1/none")
+    result = CliRunner().invoke(app, ["keys", "list"])
+    assert result.exit_code == 1
+    assert "the database does not answer" in result.output
+    assert "Traceback" not in result.output
