@@ -117,7 +117,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             batcher=batcher,
             writer=writer,
             granularity=granularity,
-            limits=Limits(settings.max_images_per_request, settings.max_image_pixels),
+            limits=Limits(
+                settings.max_images_per_request,
+                settings.max_image_pixels,
+                settings.max_request_pixels,
+            ),
             monitor=monitor,
             perturbation=Perturbation.parse(settings.perturbation),
             deception=parse_deception(settings.deceive),

@@ -63,6 +63,9 @@ class ServerSettings(CommonSettings):
     max_image_pixels: int = Field(
         default=4096 * 4096, ge=1, description="Per decoded image; larger files are refused (413)"
     )
+    max_request_pixels: int | None = Field(
+        default=None, ge=1, description="All images of a request together; default: 4 images' worth"
+    )
 
     batch_max_size: int = Field(default=256, ge=1, description="Images per forward pass")
     batch_max_wait_ms: float = Field(
