@@ -46,7 +46,10 @@ class RedisFailure(StrEnum):
 
 
 class ServerSettings(CommonSettings):
-    model_config = SettingsConfigDict(env_prefix="MLAAS_", env_file=".env", extra="ignore")
+    # Empty variables count as unset, so that compose can pass optional ones through as-is.
+    model_config = SettingsConfigDict(
+        env_prefix="MLAAS_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
     victim_dir: Path = Path("var/victims/fashion")
     database_url: str | None = Field(

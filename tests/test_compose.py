@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from server.settings import ServerSettings
+
 ROOT = Path(__file__).parent.parent
 
 
-def test_compose_file_passes_docker_compose_config() -> None:
+def test_compose_file_passes_docker_compose_config(monkeypatch) -> None:
     tool = shutil.which("docker-compose")
     if tool is None:
         if os.environ.get("CI"):
@@ -33,6 +35,12 @@ def test_compose_file_passes_docker_compose_config() -> None:
     assert api["environment"]["MLAAS_REDIS_URL"].startswith("redis://")
     assert api["depends_on"]["victim"]["condition"] == "service_completed_successfully"
     assert services["attacker"]["profiles"] == ["attacker"]
+    # What compose hands the API is a valid configuration, with the safe defaults.
+    for name, value in api["environment"].items():
+        monkeypatch.setenv(name, "" if value is None else str(value))
+    settings = ServerSettings()
+    assert settings.log_mode == "durable" and settings.redis_failure == "closed"
+    assert settings.rate_limit is None and settings.cors_origin_list == []
 
 
 def test_the_image_runs_the_readmes_steps() -> None:
