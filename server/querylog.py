@@ -291,11 +291,16 @@ class QueryLogWriter:
                 for unit in units:
                     self._write_until_done([unit])
                 return
-            except Exception:
+            except Exception as exc:
                 # Keep the rows and try again: losing answered queries would blind the log.
                 self.write_errors += 1
                 self.healthy = False
-                log.exception("query log write of %d rows failed; retrying", self.pending)
+                log.warning(
+                    "query log write failed, %d rows wait; retrying in %.2f s: %s",
+                    self.pending,
+                    delay,
+                    exc,
+                )
                 if self._give_up_at is not None and time.monotonic() > self._give_up_at:
                     self.lost += self._drain_on_give_up(units)
                     return

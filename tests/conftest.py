@@ -9,11 +9,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from tests.helpers import ADMIN_TOKEN
+from tests.helpers import ADMIN_TOKEN, REDIS_URL
 
 POSTGRES_URL = os.environ.get(
     "MLAAS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -63,6 +64,25 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of its own in the shared Redis at REDIS_URL, its keys deleted afterwards."""
+    connection = redis.Redis.from_url(REDIS_URL)
+    try:
+        connection.ping()
+    except redis.RedisError as exc:
+        connection.close()
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {REDIS_URL} is not reachable: {exc}")  # CI starts it
+        pytest.skip(f"Redis at {REDIS_URL} is not reachable")
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    keys = list(connection.scan_iter(f"{prefix}:*"))
+    if keys:
+        connection.delete(*keys)
+    connection.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

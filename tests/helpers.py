@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi.testclient import TestClient
 
 ADMIN_TOKEN = "test-admin-token"
+REDIS_URL = os.environ.get("MLAAS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+"""The shared Redis; tests take a prefix of their own from the ``redis_prefix`` fixture."""
 
 
 def create_key(client: TestClient, name: str, granularity: str | None = None) -> str:

@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -153,7 +154,33 @@ def _wait_dead(process: subprocess.Popen[bytes], timeout: float) -> None:
         process.wait(10)
 
 
-class PrivateRedis:
+class _Server(ABC):
+    """Started on entering a ``with`` block, closed (killed, directory removed) on leaving it,
+    even when starting fails half-way."""
+
+    @abstractmethod
+    def start(self) -> Self: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class PrivateRedis(_Server):
     """A ``redis-server`` of our own on a free loopback port, without persistence.
 
     ``stop()`` SIGKILLs it by default: a sudden loss is the fault worth testing, and with no
@@ -266,21 +293,6 @@ class PrivateRedis:
             self._closed = True
             shutil.rmtree(self.base, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def _version_key(path: Path) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", path.parent.name))
@@ -385,7 +397,7 @@ def make_postgres_template(
     return datadir
 
 
-class PrivatePostgres:
+class PrivatePostgres(_Server):
     """A PostgreSQL cluster of our own, in a temporary directory, on a free loopback port.
 
     The cluster is created on the first ``start()``: by initdb, or by copying ``template``
@@ -546,21 +558,6 @@ class PrivatePostgres:
             finally:
                 self._closed = True
                 shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def new_or_skip(factory: Callable[[], _T]) -> _T:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
 import pytest
-import redis
 from scipy import stats
 
 from defense.detectors import Mahalanobis, MaxSoftmax, Observation, Prada
@@ -14,8 +11,7 @@ from defense.monitor import Monitor, Policy
 from defense.perturb import Perturbation, reverse_sigmoid
 from defense.sequential import Cusum, calibrate_cusum
 from defense.state import MemoryStore, RedisStore, decode_state, encode_state
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from tests.helpers import REDIS_URL
 
 
 def observation(images: np.ndarray, labels: np.ndarray, classes: int = 3) -> Observation:
@@ -153,21 +149,8 @@ def replay(monitor: Monitor, client: str) -> list[tuple]:
 
 
 @pytest.fixture
-def redis_store():
-    try:
-        redis.Redis.from_url(REDIS_URL).ping()
-    except redis.ConnectionError as exc:
-        import os
-
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis at {REDIS_URL} is not reachable: {exc}")
-        pytest.skip(f"Redis at {REDIS_URL} is not reachable")
-    prefix = f"test-{uuid.uuid4().hex[:10]}"
-    yield lambda: RedisStore(REDIS_URL, prefix=prefix)
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
+def redis_store(redis_prefix: str):
+    return lambda: RedisStore(REDIS_URL, prefix=redis_prefix)
 
 
 def test_memory_and_redis_stores_give_the_same_decisions(redis_store) -> None:

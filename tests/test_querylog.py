@@ -177,5 +177,5 @@ def test_tables_from_an_older_version_are_refused_clearly(tmp_path) -> None:
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as old:
         old.execute("CREATE TABLE queries (id TEXT PRIMARY KEY, client TEXT)")
-    with pytest.raises(SchemaOutdated, match="lacks columns .*request_key"):
+    with pytest.raises(SchemaOutdated, match=r"lacks columns .*request_key"):
         init_db(make_engine(f"sqlite:///{path}"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import socket
 import threading
 import uuid
@@ -21,33 +20,12 @@ from server.ratelimit import (
     RateLimiter,
     RedisRateLimiter,
 )
+from tests.helpers import REDIS_URL
 
-REDIS_URL = os.environ.get("MLAAS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 NOON = datetime(2024, 5, 1, 12, tzinfo=UTC).timestamp()  # 12 h before a UTC midnight
 MIDNIGHT = datetime(2024, 5, 2, tzinfo=UTC).timestamp()
 
 Factory = Callable[[], RateLimiter]
-
-
-def _redis_or_skip() -> None:
-    try:
-        redis.Redis.from_url(REDIS_URL).ping()
-    except redis.RedisError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis at {REDIS_URL} is not reachable: {exc}")
-        pytest.skip(f"Redis at {REDIS_URL} is not reachable")
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    _redis_or_skip()
-    prefix = f"test-{uuid.uuid4().hex[:10]}"
-    yield prefix
-    admin = redis.Redis.from_url(REDIS_URL)
-    keys = list(admin.scan_iter(f"{prefix}:*"))
-    if keys:
-        admin.delete(*keys)
-    admin.close()
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
-
 import httpx
 import numpy as np
 import pytest
-import redis
 
 from mlaas.apiclient import AdminClient
 from mlaas.datasets import load_dataset
@@ -16,20 +13,9 @@ from mlaas.serverproc import ServerProcess
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.db import make_engine
 from server.querylog import count_queries, fetch_alerts, fetch_queries
-from tests.helpers import ADMIN_TOKEN
+from tests.helpers import ADMIN_TOKEN, REDIS_URL
 
 pytestmark = pytest.mark.slow
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def redis_prefix():
-    prefix = f"test-scale-{uuid.uuid4().hex[:8]}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
 
 
 def send(url: str, key: str, images: np.ndarray) -> None:
