@@ -73,7 +73,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("var/bench-load"))
     args = parser.parse_args()
 
-    card = load_card(args.victim)
+    try:
+        card = load_card(args.victim)
+    except FileNotFoundError as exc:
+        parser.error(f"{exc}: train it first with `mlaas victim train --out {args.victim}`")
     schema = f"load_{uuid.uuid4().hex[:8]}"
     prefix = f"bench-load-{uuid.uuid4().hex[:8]}"
     admin_engine = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
