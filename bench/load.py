@@ -24,6 +24,7 @@ import numpy as np
 import redis
 from sqlalchemy import create_engine, text
 
+from defense.detectors import artifact_path
 from mlaas.apiclient import AdminClient
 from mlaas.datasets import load_dataset
 from mlaas.modelstore import load_card
@@ -77,6 +78,11 @@ def main() -> None:
         card = load_card(args.victim)
     except FileNotFoundError as exc:
         parser.error(f"{exc}: train it first with `mlaas victim train --out {args.victim}`")
+    if not artifact_path(args.victim / "defense", "ood-binary").exists():
+        parser.error(
+            f"train the detector first: `mlaas defense train ood-binary prada "
+            f"--victim {args.victim}`"
+        )
     schema = f"load_{uuid.uuid4().hex[:8]}"
     prefix = f"bench-load-{uuid.uuid4().hex[:8]}"
     admin_engine = create_engine(args.postgres, isolation_level="AUTOCOMMIT")

@@ -184,6 +184,19 @@ def test_redis_down_fails_closed_and_recovers_without_restart(
     assert status.queries == 3  # counted again from the restart; the refused two never were
 
 
+def test_a_service_started_while_redis_is_down_waits_for_it(
+    make_client, private_redis: PrivateRedis, images
+) -> None:
+    private_redis.stop()
+    client = make_client(**_redis_settings(private_redis))  # starts: not ready, not dead
+    key = create_key(client, "early")
+    assert client.get("/readyz").status_code == 503
+    assert predict(client, key, images[:2]).status_code == 503
+    private_redis.restart()
+    assert client.get("/readyz").status_code == 200
+    assert predict(client, key, images[:2]).status_code == 200
+
+
 def test_redis_down_can_fail_open_without_detection(
     make_client, private_redis: PrivateRedis, images
 ) -> None:
