@@ -252,14 +252,14 @@ async def predict(
     await _refuse_blocked(state, client)
     batch = await _read_batch(request, state)
     if idempotency_key is None:
-        return await _answer(state, client, batch, started)
+        return await _answer(state, client, batch, started, response)
     hashes = [image_sha256(image) for image in batch.images]
     fingerprint = hashlib.sha256("".join(hashes).encode()).hexdigest()
     answer, replayed = await state.idempotency.run(
         client.name,
         idempotency_key,
         fingerprint,
-        compute=lambda: _answer(state, client, batch, started, idempotency_key, hashes),
+        compute=lambda: _answer(state, client, batch, started, response, idempotency_key, hashes),
         recall=lambda: _recall(state, client, idempotency_key, hashes),
     )
     if replayed:
@@ -323,6 +323,13 @@ async def _recall(
     )
 
 
+def _quota_headers(decision: Decision) -> dict[str, str]:
+    """The key's daily quota and what is left of it, for clients to pace themselves."""
+    if decision.limit is None or decision.remaining is None:
+        return {}
+    return {"X-Quota-Limit": str(decision.limit), "X-Quota-Remaining": str(decision.remaining)}
+
+
 def _rate_limited(decision: Decision, cost: int) -> ApiError:
     what = "daily quota" if decision.reason == "quota" else "rate limit"
     if math.isinf(decision.retry_after_s):
@@ -330,13 +337,14 @@ def _rate_limited(decision: Decision, cost: int) -> ApiError:
             413,
             "over_limit",
             f"{cost} images in one request can never fit this key's {what}; send fewer",
+            _quota_headers(decision),
         )
     retry_after = max(1, math.ceil(decision.retry_after_s))
     return ApiError(
         429,
         "rate_limited",
         f"this key's {what} is used up; retry in {retry_after} s",
-        {"Retry-After": str(retry_after)},
+        {"Retry-After": str(retry_after), **_quota_headers(decision)},
     )
 
 
@@ -345,6 +353,7 @@ async def _answer(
     client: Client,
     batch: DecodedBatch,
     started: float,
+    response: Response,
     request_key: str | None = None,
     hashes: list[str] | None = None,
 ) -> PredictResponse:
@@ -364,6 +373,7 @@ async def _answer(
             if not decision.allowed:
                 raise _rate_limited(decision, cost)
             charged = True
+            response.headers.update(_quota_headers(decision))
     try:
         answer = await _infer_and_log(state, client, batch, started, request_key, hashes)
     except BaseException:

@@ -64,11 +64,14 @@ def test_daily_quota_per_key_overrides_the_deployment(make_client) -> None:
     )
     assert response.status_code == 201
     key = response.json()["key"]
-    assert post(client, key, 4).status_code == 200
+    first = post(client, key, 4)
+    assert first.status_code == 200
+    assert (first.headers["X-Quota-Limit"], first.headers["X-Quota-Remaining"]) == ("5", "1")
     assert post(client, key, 2).status_code == 429  # 6 > 5: refused whole, nothing consumed
     assert post(client, key, 1).status_code == 200
     over = post(client, key, 1)
     assert over.status_code == 429 and "daily quota" in over.json()["error"]["message"]
+    assert over.headers["X-Quota-Remaining"] == "0"
     now = datetime.now(UTC)
     midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
     assert abs(int(over.headers["Retry-After"]) - (midnight - now).total_seconds()) < 5
