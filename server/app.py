@@ -91,6 +91,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             flush_rows=settings.log_flush_rows,
             flush_interval_s=settings.log_flush_interval_ms / 1000.0,
             max_buffered_rows=settings.log_buffer_rows,
+            spool=settings.resolved_log_spool if settings.log_mode is LogMode.buffered else None,
         )
         redis_client = connect_redis(settings.redis_url) if settings.redis_url else None
         if redis_client is not None:

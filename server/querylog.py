@@ -13,9 +13,11 @@ Two modes (``MLAAS_LOG_MODE``):
     not one per request. A failed commit fails the requests in it: they get 503 and nothing is
     logged, so the log holds exactly the answered queries, even if the database goes away.
 ``buffered``
-    The handler answers at once; rows wait in memory (at most ``max_buffered_rows``) and a
-    failed write is retried with backoff until the database is back. Answers keep flowing
-    through a database outage, at the risk of losing the buffer if the process dies.
+    The handler answers at once; rows wait in memory (at most ``max_buffered_rows``) for the
+    writer. While the database is away the writer parks them in a local SQLite spool, which
+    it empties into the database once it answers again (after a restart too), so answers
+    keep flowing through an outage and a crash during one loses nothing. Without a spool the
+    rows stay in memory and the write is retried with backoff.
 """
 
 from __future__ import annotations
@@ -31,16 +33,17 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
 from mlaas.wire import encode_png
-from server.db import AlertRecord, QueryRecord
+from server.db import AlertRecord, QueryRecord, init_db, make_engine
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,72 @@ class _Unit:
     done: Future[None] = field(default_factory=Future)
 
 
+class Spool:
+    """A local SQLite file that keeps buffered rows while the database is away.
+
+    Rows reach it only when a write to the database fails, and leave it, oldest first, once
+    the database answers again, after a restart too: a process killed during an outage loses
+    nothing it had answered. Moving rows out cannot be one transaction across two databases,
+    so a crash between the two commits would move a batch twice; query rows carry their own
+    ids and are skipped when already there (alerts, having none, could be doubled then).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.engine = make_engine(f"sqlite:///{path}")
+        init_db(self.engine)  # the log's own tables, in a local file
+
+    def put(self, rows: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> None:
+        with Session(self.engine) as session, session.begin():
+            if rows:
+                session.execute(insert(QueryRecord), rows)
+            if alerts:
+                session.execute(insert(AlertRecord), alerts)
+
+    def count(self) -> int:
+        with Session(self.engine) as session:
+            queries = session.scalar(select(func.count()).select_from(QueryRecord)) or 0
+            alerts = session.scalar(select(func.count()).select_from(AlertRecord)) or 0
+            return int(queries + alerts)
+
+    def move_into(self, engine: Engine, batch: int = 1000) -> int:
+        """Move up to ``batch`` rows and alerts into ``engine``'s log; how many moved."""
+        queries = [c.name for c in QueryRecord.__table__.columns]
+        alert_columns = [c.name for c in AlertRecord.__table__.columns if c.name != "id"]
+        with Session(self.engine) as spool:
+            rows = [
+                dict(r._mapping)
+                for r in spool.execute(
+                    select(QueryRecord.__table__).order_by(QueryRecord.created_at).limit(batch)
+                )
+            ]
+            alerts = [
+                dict(r._mapping)
+                for r in spool.execute(
+                    select(AlertRecord.__table__).order_by(AlertRecord.id).limit(batch)
+                )
+            ]
+        if not rows and not alerts:
+            return 0
+        ids = [row["id"] for row in rows]
+        with Session(engine) as session, session.begin():
+            present = set(session.scalars(select(QueryRecord.id).where(QueryRecord.id.in_(ids))))
+            fresh = [{c: r[c] for c in queries} for r in rows if r["id"] not in present]
+            if fresh:
+                session.execute(insert(QueryRecord), fresh)
+            if alerts:
+                session.execute(
+                    insert(AlertRecord), [{c: a[c] for c in alert_columns} for a in alerts]
+                )
+        with Session(self.engine) as spool, spool.begin():
+            spool.execute(delete(QueryRecord).where(QueryRecord.id.in_(ids)))
+            spool.execute(delete(AlertRecord).where(AlertRecord.id.in_([a["id"] for a in alerts])))
+        return len(rows) + len(alerts)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
 _STOP = object()
 
 
@@ -136,7 +205,10 @@ class QueryLogWriter:
         flush_interval_s: float = 0.1,
         max_retry_delay_s: float = 5.0,
         max_buffered_rows: int = 100_000,
+        spool: Path | None = None,
     ) -> None:
+        """``spool``: buffered mode keeps rows in this SQLite file while the database is away
+        (without one, in memory only, retrying)."""
         self._engine = engine
         self.mode = LogMode(mode)
         self._store_inputs = store_inputs
@@ -144,6 +216,11 @@ class QueryLogWriter:
         self._flush_interval_s = flush_interval_s
         self._max_retry_delay_s = max_retry_delay_s
         self._max_buffered_rows = max_buffered_rows
+        self._spool = Spool(spool) if spool is not None and self.mode is LogMode.buffered else None
+        self.spooled = self._spool.count() if self._spool is not None else 0
+        """Rows and alerts in the spool, waiting for the database."""
+        self._next_move = 0.0
+        self._move_delay = 0.05
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pending_rows = 0
         self._count_lock = threading.Lock()
@@ -167,11 +244,12 @@ class QueryLogWriter:
         return self._pending_rows
 
     def submit(self, items: Sequence[PendingQuery | PendingAlert]) -> Future[None]:
-        """Queue one request's rows; the future completes when they are committed.
+        """Queue one request's rows; the future completes when they are safe.
 
-        In durable mode the future fails with :class:`LogUnavailable` (or
-        :class:`DuplicateRequest`) when the commit does; in buffered mode it only completes
-        once the rows are written, however long the database is away, and a full buffer
+        In durable mode that is their commit, and the future fails with
+        :class:`LogUnavailable` (or :class:`DuplicateRequest`) when the commit does. In
+        buffered mode it is their commit or, while the database is away, their place in the
+        spool (without a spool, only their commit, however long that takes); a full buffer
         raises :class:`LogUnavailable` here, before anything is queued.
         """
         if self._closed:
@@ -194,7 +272,8 @@ class QueryLogWriter:
         """Write every pending row, then stop the thread.
 
         With ``timeout``, a buffered writer whose database stays away gives up after that
-        long and reports how many rows it could not write (a durable one has none waiting).
+        long: what it could spool waits there for the next start, the rest is counted as lost
+        (a durable writer has nothing waiting).
         """
         if self._closed:
             return
@@ -203,6 +282,14 @@ class QueryLogWriter:
             self._give_up_at = time.monotonic() + timeout
         self._queue.put(_STOP)
         self._thread.join(None if timeout is None else timeout + 5.0)
+        if self._spool is not None:
+            if self.spooled:
+                log.warning(
+                    "query log: %d rows stay in %s until the database answers",
+                    self.spooled,
+                    self._spool.path,
+                )
+            self._spool.close()
 
     def _run(self) -> None:
         stopping = False
@@ -215,6 +302,9 @@ class QueryLogWriter:
                     timeout = 0.0  # group commit: take what is queued, never wait for more
                 else:
                     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    if self.spooled:  # wake up to move spooled rows
+                        until_move = max(0.0, self._next_move - time.monotonic())
+                        timeout = until_move if timeout is None else min(timeout, until_move)
                 try:
                     item = self._queue.get(timeout=timeout)
                 except queue.Empty:
@@ -231,14 +321,22 @@ class QueryLogWriter:
                     self._commit_or_fail(units)
                 else:
                     self._write_until_done(units)
+            if self.spooled:
+                self._move_spooled(until_empty=stopping)
 
     def _finished(self, units: list[_Unit]) -> None:
         with self._count_lock:
             self._pending_rows -= sum(len(u.queries) for u in units)
 
+    @staticmethod
+    def _alerts(units: list[_Unit]) -> list[dict[str, Any]]:
+        return [asdict(alert) for u in units for alert in u.alerts]
+
+    def _rows(self, units: list[_Unit]) -> list[dict[str, Any]]:
+        return [_to_row(q, self._store_inputs) for u in units for q in u.queries]
+
     def _insert(self, units: list[_Unit]) -> None:
-        rows = [_to_row(q, self._store_inputs) for u in units for q in u.queries]
-        alerts = [asdict(alert) for u in units for alert in u.alerts]
+        rows, alerts = self._rows(units), self._alerts(units)
         with Session(self._engine) as session, session.begin():
             if rows:
                 session.execute(insert(QueryRecord), rows)
@@ -265,6 +363,9 @@ class QueryLogWriter:
             log.warning("query log commit failed, %d requests refused: %s", len(units), exc)
             self._fail(units, LogUnavailable("the query log database is unavailable"))
             return
+        self._succeed(units)
+
+    def _succeed(self, units: list[_Unit]) -> None:
         self._finished(units)
         for unit in units:
             unit.done.set_result(None)
@@ -292,9 +393,11 @@ class QueryLogWriter:
                     self._write_until_done([unit])
                 return
             except Exception as exc:
-                # Keep the rows and try again: losing answered queries would blind the log.
                 self.write_errors += 1
                 self.healthy = False
+                if self._to_spool(units, exc):
+                    return
+                # Keep the rows and try again: losing answered queries would blind the log.
                 log.warning(
                     "query log write failed, %d rows wait; retrying in %.2f s: %s",
                     self.pending,
@@ -306,9 +409,49 @@ class QueryLogWriter:
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, self._max_retry_delay_s)
-        self._finished(units)
-        for unit in units:
-            unit.done.set_result(None)
+        self._succeed(units)
+
+    def _to_spool(self, units: list[_Unit], error: Exception) -> bool:
+        """Park the rows in the spool; False when there is none or it fails too."""
+        if self._spool is None:
+            return False
+        rows, alerts = self._rows(units), self._alerts(units)
+        try:
+            self._spool.put(rows, alerts)
+        except Exception:
+            log.exception("query log spool %s failed", self._spool.path)
+            return False
+        if not self.spooled:
+            log.warning(
+                "query log database unavailable, spooling to %s: %s", self._spool.path, error
+            )
+        self.spooled += len(rows) + len(alerts)
+        self._succeed(units)
+        return True
+
+    def _move_spooled(self, until_empty: bool = False) -> None:
+        """Move spooled rows into the database, oldest first, backing off while it is away."""
+        while self.spooled and (until_empty or time.monotonic() >= self._next_move):
+            try:
+                moved = self._spool.move_into(self._engine)  # type: ignore[union-attr]
+            except Exception as exc:
+                self._move_delay = min(self._move_delay * 2, self._max_retry_delay_s)
+                self._next_move = time.monotonic() + self._move_delay
+                log.debug("query log spool: the database is still away: %s", exc)
+                if until_empty and (
+                    self._give_up_at is None or time.monotonic() > self._give_up_at
+                ):
+                    return  # stopping: the spool keeps them for the next start
+                time.sleep(self._move_delay if until_empty else 0)
+                continue
+            self._move_delay = 0.05
+            self.healthy = True
+            self.written += moved
+            self.spooled = max(0, self.spooled - moved) if moved else 0
+            if not self.spooled:
+                log.info("query log spool emptied into the database")
+            if not until_empty:
+                return
 
     def _drain_on_give_up(self, units: list[_Unit]) -> int:
         lost = sum(len(u.queries) for u in units)

@@ -516,6 +516,8 @@ async def readyz(request: Request) -> dict[str, Any]:
                 problems.append("redis does not answer")
             else:
                 degraded.append("redis does not answer (no detection or rate limits)")
+    if state.writer.spooled:
+        degraded.append(f"{state.writer.spooled} log rows are spooled for the database")
     if problems:
         raise ApiError(503, "not_ready", "; ".join(problems))
     return {"status": "ready", "model": state.victim.card.name, "degraded": degraded}
@@ -613,6 +615,7 @@ def stats(request: Request) -> dict[str, Any]:
         "log_rows_written": state.writer.written,
         "log_rows_pending": state.writer.pending,
         "log_write_errors": state.writer.write_errors,
+        "log_rows_spooled": state.writer.spooled,
         "alerts_written": state.writer.alerts_written,
         "detectors": [d.name for d in state.monitor.detectors] if state.monitor else [],
         "rejected_by_status": dict(state.rejected),

@@ -105,6 +105,11 @@ class ServerSettings(CommonSettings):
     log_buffer_rows: int = Field(
         default=100_000, ge=1, description="buffered mode: rows held before refusing with 503"
     )
+    log_spool: Path | None = Field(
+        default=None,
+        description="buffered mode: the SQLite file that keeps rows while the database is "
+        "away; default: <var_dir>/querylog-spool.db",
+    )
     log_shutdown_timeout_s: float = Field(
         default=30.0, gt=0, description="buffered mode: how long a stop waits for the database"
     )
@@ -173,6 +178,10 @@ class ServerSettings(CommonSettings):
     @property
     def resolved_defense_dir(self) -> Path:
         return self.defense_dir if self.defense_dir is not None else self.victim_dir / "defense"
+
+    @property
+    def resolved_log_spool(self) -> Path:
+        return self.log_spool if self.log_spool is not None else self.var_dir / "querylog-spool.db"
 
     @property
     def resolved_database_url(self) -> str:

@@ -131,6 +131,51 @@ def test_buffered_failed_writes_are_retried_not_dropped(tmp_path) -> None:
     assert count_queries(engine) == 5 and writer.lost == 0
 
 
+def test_buffered_rows_wait_in_the_spool_and_move_when_the_database_returns(tmp_path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
+    writer = QueryLogWriter(
+        engine,
+        mode="buffered",
+        flush_interval_s=0.01,
+        max_retry_delay_s=0.05,
+        spool=tmp_path / "spool.db",
+    )
+    done = [writer.submit(pending("alice", 4)), writer.submit(pending("bob", 3))]
+    for future in done:
+        future.result(timeout=10)  # safe in the spool: no tables in the database yet
+    assert writer.spooled == 7 and writer.pending == 0 and writer.written == 0
+    init_db(engine)  # the database comes back
+    deadline = time.monotonic() + 10
+    while writer.spooled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    writer.submit(pending("carol", 2)).result(timeout=10)  # straight to the database now
+    writer.close()
+    assert count_queries(engine, "alice") == 4 and count_queries(engine, "bob") == 3
+    assert count_queries(engine) == 9 and writer.spooled == 0 and writer.lost == 0
+
+
+def test_the_spool_outlives_the_process(tmp_path) -> None:
+    """Rows spooled by a process that stopped during the outage are moved by the next one."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
+    spool = tmp_path / "spool.db"
+    first = QueryLogWriter(engine, mode="buffered", flush_interval_s=0.01, spool=spool)
+    first.submit(pending("alice", 5)).result(timeout=10)
+    first.close(timeout=0.2)  # the database is still away: the rows stay in the spool
+    assert first.spooled == 5 and first.lost == 0
+    init_db(engine)
+    before_the_move = spool.read_bytes()
+    second = QueryLogWriter(engine, mode="buffered", flush_interval_s=0.01, spool=spool)
+    assert second.spooled == 5
+    second.close()
+    assert count_queries(engine, "alice") == 5 and second.spooled == 0
+    # A crash between the database's commit and the spool's delete: the rows come again.
+    spool.write_bytes(before_the_move)
+    again = QueryLogWriter(engine, mode="buffered", spool=spool)
+    assert again.spooled == 5
+    again.close()
+    assert count_queries(engine) == 5 and again.spooled == 0  # moved once, not twice
+
+
 def test_buffered_refuses_once_the_buffer_is_full(tmp_path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
     writer = QueryLogWriter(
