@@ -75,12 +75,6 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
-class JsonImages(BaseModel):
-    """JSON request body: images as base64-encoded PNG or JPEG files."""
-
-    images: list[str] = Field(min_length=1, description="Base64-encoded image files")
-
-
 class ErrorDetail(BaseModel):
     code: str
     message: str

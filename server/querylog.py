@@ -121,6 +121,8 @@ class _Unit:
     queries: list[PendingQuery]
     alerts: list[PendingAlert]
     done: Future[None] = field(default_factory=Future)
+    rows: list[dict[str, Any]] | None = None
+    """The queries as table rows, built once (PNG encoding is the costly part) by the writer."""
 
 
 class Spool:
@@ -153,8 +155,6 @@ class Spool:
 
     def move_into(self, engine: Engine, batch: int = 1000) -> int:
         """Move up to ``batch`` rows and alerts into ``engine``'s log; how many moved."""
-        queries = [c.name for c in QueryRecord.__table__.columns]
-        alert_columns = [c.name for c in AlertRecord.__table__.columns if c.name != "id"]
         with Session(self.engine) as spool:
             rows = [
                 dict(r._mapping)
@@ -173,12 +173,13 @@ class Spool:
         ids = [row["id"] for row in rows]
         with Session(engine) as session, session.begin():
             present = set(session.scalars(select(QueryRecord.id).where(QueryRecord.id.in_(ids))))
-            fresh = [{c: r[c] for c in queries} for r in rows if r["id"] not in present]
+            fresh = [row for row in rows if row["id"] not in present]
             if fresh:
                 session.execute(insert(QueryRecord), fresh)
-            if alerts:
+            if alerts:  # without the spool's ids: the database numbers its own
                 session.execute(
-                    insert(AlertRecord), [{c: a[c] for c in alert_columns} for a in alerts]
+                    insert(AlertRecord),
+                    [{k: v for k, v in a.items() if k != "id"} for a in alerts],
                 )
         with Session(self.engine) as spool, spool.begin():
             spool.execute(delete(QueryRecord).where(QueryRecord.id.in_(ids)))
@@ -333,7 +334,10 @@ class QueryLogWriter:
         return [asdict(alert) for u in units for alert in u.alerts]
 
     def _rows(self, units: list[_Unit]) -> list[dict[str, Any]]:
-        return [_to_row(q, self._store_inputs) for u in units for q in u.queries]
+        for unit in units:
+            if unit.rows is None:
+                unit.rows = [_to_row(q, self._store_inputs) for q in unit.queries]
+        return [row for u in units for row in u.rows or ()]
 
     def _insert(self, units: list[_Unit]) -> None:
         rows, alerts = self._rows(units), self._alerts(units)
@@ -430,19 +434,27 @@ class QueryLogWriter:
         return True
 
     def _move_spooled(self, until_empty: bool = False) -> None:
-        """Move spooled rows into the database, oldest first, backing off while it is away."""
-        while self.spooled and (until_empty or time.monotonic() >= self._next_move):
+        """Move spooled rows into the database, oldest first, backing off while it is away.
+
+        One batch per call while serving; ``until_empty`` (stopping) moves them all, or
+        retries until the shutdown timeout and leaves the rest for the next start.
+        """
+        while self.spooled:
+            if not until_empty and time.monotonic() < self._next_move:
+                return
             try:
                 moved = self._spool.move_into(self._engine)  # type: ignore[union-attr]
             except Exception as exc:
+                log.debug("query log spool: the database is still away: %s", exc)
                 self._move_delay = min(self._move_delay * 2, self._max_retry_delay_s)
                 self._next_move = time.monotonic() + self._move_delay
-                log.debug("query log spool: the database is still away: %s", exc)
-                if until_empty and (
-                    self._give_up_at is None or time.monotonic() > self._give_up_at
+                if (
+                    not until_empty
+                    or self._give_up_at is None
+                    or time.monotonic() > self._give_up_at
                 ):
-                    return  # stopping: the spool keeps them for the next start
-                time.sleep(self._move_delay if until_empty else 0)
+                    return
+                time.sleep(self._move_delay)
                 continue
             self._move_delay = 0.05
             self.healthy = True

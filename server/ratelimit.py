@@ -25,9 +25,12 @@ import math
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
+
+from defense.state import connect_redis
 
 _US = 1_000_000
 _DAY_US = 86_400 * _US
@@ -106,15 +109,26 @@ class RateLimiter(ABC):
     in_process: bool = False
     """True when deciding involves no I/O (callers may skip a thread hop)."""
 
-    @abstractmethod
     def acquire(
         self, client: str, cost: int, spec: LimitSpec, now: float | None = None
     ) -> Decision:
         """Take ``cost`` images from ``client``'s rate limit and daily quota, or nothing."""
+        _check_cost(cost)
+        if spec.unlimited:
+            return _ALLOWED_UNLIMITED
+        return _decision(spec, *self._apply("acquire", client, cost, spec, now))
 
-    @abstractmethod
     def refund(self, client: str, cost: int, spec: LimitSpec, now: float | None = None) -> None:
         """Give back what an allowed but unanswered request took."""
+        _check_cost(cost)
+        if not spec.unlimited:
+            self._apply("refund", client, cost, spec, now)
+
+    @abstractmethod
+    def _apply(
+        self, op: str, client: str, cost: int, spec: LimitSpec, now: float | None
+    ) -> Sequence[float]:
+        """``"acquire"`` or ``"refund"``, atomically: (allowed, reason, wait_us, remaining)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -130,23 +144,11 @@ class MemoryRateLimiter(RateLimiter):
         self._lock = threading.Lock()
         self._next_prune = 0
 
-    def acquire(
-        self, client: str, cost: int, spec: LimitSpec, now: float | None = None
-    ) -> Decision:
-        _check_cost(cost)
-        if spec.unlimited:
-            return _ALLOWED_UNLIMITED
-        return _decision(spec, *self._step(client, True, cost, spec, now))
-
-    def refund(self, client: str, cost: int, spec: LimitSpec, now: float | None = None) -> None:
-        _check_cost(cost)
-        if not spec.unlimited:
-            self._step(client, False, cost, spec, now)
-
-    def _step(
-        self, client: str, acquire: bool, cost: int, spec: LimitSpec, now: float | None
+    def _apply(
+        self, op: str, client: str, cost: int, spec: LimitSpec, now: float | None
     ) -> tuple[int, int, float, int]:
         """The Lua script below, line for line, under a lock."""
+        acquire = op == "acquire"
         now_us = round((time.time() if now is None else now) * _US)
         interval, burst = spec._interval_us(), spec.capacity or 0
         quota = -1 if spec.daily_quota is None else spec.daily_quota
@@ -271,36 +273,24 @@ class RedisRateLimiter(RateLimiter):
         """``timeout_s`` bounds connecting and each command when given a URL (a request
         waits no longer than that, plus redis-py's retries, on an unresponsive Redis)."""
         self._owned = isinstance(url_or_client, str)
-        if isinstance(url_or_client, str):
-            self._redis = redis.Redis.from_url(
-                url_or_client, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-            )
-        else:
-            self._redis = url_or_client
+        self._redis = (
+            connect_redis(url_or_client, timeout_s)
+            if isinstance(url_or_client, str)
+            else url_or_client
+        )
         self._prefix = prefix
         self._script = self._redis.register_script(_SCRIPT)
 
     def key(self, client: str) -> str:
         return f"{self._prefix}:ratelimit:{client}"
 
-    def _run(self, op: str, client: str, cost: int, spec: LimitSpec, now: float | None) -> list:
+    def _apply(
+        self, op: str, client: str, cost: int, spec: LimitSpec, now: float | None
+    ) -> list[int]:
         quota = -1 if spec.daily_quota is None else spec.daily_quota
         args = [op, cost, spec._interval_us(), spec.capacity or 0, quota]
         args.append("" if now is None else str(round(now * _US)))
         return self._script(keys=[self.key(client)], args=args)
-
-    def acquire(
-        self, client: str, cost: int, spec: LimitSpec, now: float | None = None
-    ) -> Decision:
-        _check_cost(cost)
-        if spec.unlimited:
-            return _ALLOWED_UNLIMITED
-        return _decision(spec, *self._run("acquire", client, cost, spec, now))
-
-    def refund(self, client: str, cost: int, spec: LimitSpec, now: float | None = None) -> None:
-        _check_cost(cost)
-        if not spec.unlimited:
-            self._run("refund", client, cost, spec, now)
 
     def close(self) -> None:
         if self._owned:

@@ -288,7 +288,9 @@ async def _refuse_blocked(state: ServiceState, client: Client) -> None:
     monitor = state.monitor
     if monitor is None or monitor.policy is not Policy.block:
         return
-    status = await _degradable(state, monitor.status, client.name)
+    status = await _degradable(
+        state, monitor.status, client.name, in_process=monitor.store.in_process
+    )
     if status is not None and status.flagged:
         raise ApiError(
             403,
@@ -406,12 +408,15 @@ async def _infer_and_log(
     alerts: list[PendingAlert] = []
     if state.monitor is not None:
         observation = Observation(batch.images, output.logits, output.probs, output.features)
-        if state.monitor.store.in_process:
-            # About a millisecond of NumPy with no I/O: a thread hop would cost more than it
-            # frees the event loop for (measured by bench/detection.py).
-            verdict = state.monitor.observe(client.name, observation)
-        else:
-            verdict = await _degradable(state, state.monitor.observe, client.name, observation)
+        # In-process state: about a millisecond of NumPy with no I/O, where a thread hop would
+        # cost more than it frees the event loop for (measured by bench/detection.py).
+        verdict = await _degradable(
+            state,
+            state.monitor.observe,
+            client.name,
+            observation,
+            in_process=state.monitor.store.in_process,
+        )
         if verdict is not None:
             scores = verdict.scores
             alerts = [PendingAlert(**asdict(alert)) for alert in verdict.alerts]

@@ -158,6 +158,17 @@ class _Server(ABC):
     """Started on entering a ``with`` block, closed (killed, directory removed) on leaving it,
     even when starting fails half-way."""
 
+    _process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while it runs (the postmaster's, for PostgreSQL)."""
+        return self._process.pid if self.running else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     @abstractmethod
     def start(self) -> Self: ...
 
@@ -201,14 +212,6 @@ class PrivateRedis(_Server):
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self.running else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A client that fails at once instead of retrying, so a test sees the outage."""
@@ -436,15 +439,6 @@ class PrivatePostgres(_Server):
     def conninfo(self) -> str:
         """The same target for plain psycopg."""
         return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
-
-    @property
-    def pid(self) -> int | None:
-        """The postmaster's pid while it runs."""
-        return self._process.pid if self.running else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def _create_cluster(self) -> None:
         if self.template is None:
