@@ -7,6 +7,14 @@
 The monitor knows clients by name only; the server persists its alerts and applies its
 decisions. Each client's record (query count, status, every detector's state) lives in a
 :class:`~defense.state.StateStore` and is updated under the client's lock.
+
+Accounts: a key that shares an account with other keys is observed twice, under its own
+record (level ``key``) and under its account's (level ``account``), with separate detector
+state, so that an adversary spreading queries over many keys (a Sybil attack) is still one
+stream. An account's record is named ``account:NAME``; client names cannot hold a ``:``, so
+the two never collide. The records are updated one after the other, each under its own lock
+(never both held at once). A key alone in its account (the default: the account is the key's
+own name) has only its key record, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +29,12 @@ from defense.detectors import Detector, Observation
 from defense.state import Record, StateStore
 
 SUMMARY = "_summary"
+ACCOUNT_PREFIX = "account:"
+
+
+def account_record(account: str) -> str:
+    """The state store's name for an account's record."""
+    return ACCOUNT_PREFIX + account
 
 
 class Policy(StrEnum):
@@ -29,14 +43,21 @@ class Policy(StrEnum):
     deceive = "deceive"
 
 
+class Level(StrEnum):
+    key = "key"  # the key's own queries
+    account = "account"  # every query of the key's account
+
+
 @dataclass
 class Alert:
-    client: str
+    client: str  # the key whose queries alarmed (at account level: whose request tripped it)
     detector: str
-    query_count: int  # the client's queries up to and including the one that alarmed
+    query_count: int  # the key's (or account's) queries up to and including the alarming one
     score: float  # the detector's decision statistic at the alarm
     threshold: float
     action: str
+    level: str = Level.key.value
+    account: str | None = None  # the key's account, when the monitor was told it
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -55,9 +76,42 @@ class ClientStatus:
 
 @dataclass
 class Verdict:
-    scores: list[dict[str, float | None]]  # per query: detector -> score
+    scores: list[dict[str, float | None]]  # per query: detector -> score (the key's)
     alerts: list[Alert]
+    status: ClientStatus  # the key's
+    account_status: ClientStatus | None = None  # its shared account's, when it has one
+
+    @property
+    def flagged(self) -> bool:
+        """Flagged at either level: the policy applies to the key."""
+        return self.status.flagged or (
+            self.account_status is not None and self.account_status.flagged
+        )
+
+
+@dataclass
+class Standing:
+    """A key's status and its shared account's (None when the key is alone in its account)."""
+
     status: ClientStatus
+    account: str | None = None
+    account_status: ClientStatus | None = None
+
+    @property
+    def flagged(self) -> bool:
+        return self.status.flagged or (
+            self.account_status is not None and self.account_status.flagged
+        )
+
+    @property
+    def reason(self) -> str:
+        """Which level is flagged, by what, in words (empty when nothing is)."""
+        if self.status.flagged:
+            return f"flagged by {', '.join(self.status.flagged_by)}"
+        if self.account_status is not None and self.account_status.flagged:
+            detectors = ", ".join(self.account_status.flagged_by)
+            return f"its account {self.account!r} is flagged by {detectors}"
+        return ""
 
 
 def _finite(value: float) -> float | None:
@@ -78,14 +132,40 @@ class Monitor:
     def status(self, client: str) -> ClientStatus:
         return _status_from(client, self.store.field(client, SUMMARY))
 
+    def account_status(self, account: str) -> ClientStatus:
+        """A shared account's status (its ``client`` field is the account's record name)."""
+        record = account_record(account)
+        return _status_from(record, self.store.field(record, SUMMARY))
+
+    def standing(self, client: str, account: str | None = None) -> Standing:
+        """The key's status and, when ``account`` is shared (not the key's own name), the
+        account's: what the policy decides on. One field read per level."""
+        if not account or account == client:
+            return Standing(self.status(client))
+        return Standing(self.status(client), account, self.account_status(account))
+
     def clients(self) -> list[str]:
+        """Every record in the store: keys, and accounts as ``account:NAME``."""
         return self.store.clients()
 
-    def observe(self, client: str, batch: Observation) -> Verdict:
-        """Score a batch of ``client``'s queries, in order, and update its record."""
-        with self.store.lock(client):
-            record = self.store.load(client)
-            status = _status_from(client, record.get(SUMMARY))
+    def observe(self, client: str, batch: Observation, account: str | None = None) -> Verdict:
+        """Score a batch of ``client``'s queries, in order, and update its record; when
+        ``account`` is given and is not the client's own name, update the account's too."""
+        shared = account if account and account != client else None
+        scores, alerts, status = self._observe(client, client, batch, Level.key, account)
+        if shared is None:
+            return Verdict(scores, alerts, status)
+        _, more, account_status = self._observe(
+            account_record(shared), client, batch, Level.account, shared
+        )
+        return Verdict(scores, alerts + more, status, account_status)
+
+    def _observe(
+        self, record_name: str, client: str, batch: Observation, level: Level, account: str | None
+    ) -> tuple[list[dict[str, float | None]], list[Alert], ClientStatus]:
+        with self.store.lock(record_name):
+            record = self.store.load(record_name)
+            status = _status_from(record_name, record.get(SUMMARY))
             scores: list[dict[str, float | None]] = [{} for _ in range(len(batch))]
             alerts: list[Alert] = []
             updated: Record = {}
@@ -109,6 +189,8 @@ class Monitor:
                             score=float(result.statistic),
                             threshold=float(result.threshold),
                             action=self.policy.value,
+                            level=level.value,
+                            account=account,
                         )
                     )
             status.queries += len(batch)
@@ -117,8 +199,8 @@ class Monitor:
                 earliest = min(a.query_count for a in alerts)
                 status.first_alert_at = min(status.first_alert_at or earliest, earliest)
             updated[SUMMARY] = json.dumps(status.to_dict()).encode()
-            self.store.save(client, updated)
-        return Verdict(scores, alerts, status)
+            self.store.save(record_name, updated)
+        return scores, alerts, status
 
 
 def _status_from(client: str, raw: object) -> ClientStatus:

@@ -86,13 +86,27 @@ class PredictionClient(_Base):
 
 
 class AdminClient(_Base):
-    def create_key(self, name: str, granularity: str | None = None, **limits: float) -> str:
-        """A new client's key; ``limits``: ``rate_limit``, ``rate_burst``, ``daily_quota``."""
-        response = self._http.post(
-            "/admin/keys", json={"name": name, "granularity": granularity, **limits}
-        )
+    def create_key(
+        self,
+        name: str,
+        granularity: str | None = None,
+        account: str | None = None,
+        **limits: float,
+    ) -> str:
+        """A new client's key; ``limits``: ``rate_limit``, ``rate_burst``, ``daily_quota``;
+        ``account``: a shared account the key joins (default: the key alone)."""
+        body: dict[str, Any] = {"name": name, "granularity": granularity, **limits}
+        if account is not None:
+            body["account"] = account
+        response = self._http.post("/admin/keys", json=body)
         raise_for_error(response)
         return response.json()["key"]
+
+    def keys(self) -> list[dict[str, Any]]:
+        """Every key's name, account, prefix, granularity, limits and dates."""
+        response = self._http.get("/admin/keys")
+        raise_for_error(response)
+        return response.json()
 
     def queries(self, **params: Any) -> list[dict[str, Any]]:
         response = self._http.get(

@@ -24,6 +24,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mlaas.shifts import CALIBRATION_SHIFTS
+
 app = typer.Typer(
     name="mlaas",
     help="A testbed for model extraction against ML-as-a-service: serve a victim, attack it, "
@@ -273,6 +275,13 @@ def keys_create(
     daily_quota: Annotated[
         int | None, typer.Option(min=1, help="Images per UTC day (default: the server's)")
     ] = None,
+    account: Annotated[
+        str | None,
+        typer.Option(
+            help="The account the key joins (default: the key's own name); detectors also "
+            "decide on a shared account's queries taken together"
+        ),
+    ] = None,
 ) -> None:
     """Create a client and print its API key (once, alone on standard output)."""
     from server.keys import KeyStore, KeyStoreError
@@ -281,10 +290,11 @@ def keys_create(
     engine = _database(_server_settings())
     try:
         limits = LimitSpec(rate=rate_limit, burst=rate_burst, daily_quota=daily_quota)
-        key = KeyStore(engine).create(name, granularity, limits)
+        key = KeyStore(engine).create(name, granularity, limits, account)
     except (KeyStoreError, ValueError) as exc:
         raise fail(str(exc)) from exc
-    err.print(f"created client [bold]{name}[/]; the key is shown once:")
+    joined = f" in account [bold]{account}[/]" if account and account != name else ""
+    err.print(f"created client [bold]{name}[/]{joined}; the key is shown once:")
     print(key)
 
 
@@ -293,20 +303,16 @@ def keys_list(fmt: Annotated[Format, typer.Option("--format")] = Format.table) -
     """List clients (never their keys)."""
     from server.keys import KeyStore
 
-    rows = [
-        {
-            "name": k.name,
-            "key_prefix": k.key_prefix,
-            "granularity": k.granularity,
-            "created_at": k.created_at.isoformat(),
-            "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
-            "rate_limit": k.limits.rate,
-            "rate_burst": k.limits.burst,
-            "daily_quota": k.limits.daily_quota,
-        }
-        for k in KeyStore(_database(_server_settings())).list()
+    rows = [k.to_row() for k in KeyStore(_database(_server_settings())).list()]
+    columns = [
+        "name",
+        "account",
+        "key_prefix",
+        "granularity",
+        "rate_limit",
+        "daily_quota",
+        "created_at",
     ]
-    columns = ["name", "key_prefix", "granularity", "rate_limit", "daily_quota", "created_at"]
     _emit(rows, fmt, columns=[*columns, "revoked_at"])
 
 
@@ -654,8 +660,19 @@ def defense_train(
     ],
     victim: Annotated[Path, typer.Option(help="Victim directory")] = Path("var/victims/fashion"),
     outliers: Annotated[
-        str, typer.Option(help="Out-of-distribution images for ood-binary")
-    ] = "natural-crops",
+        str,
+        typer.Option(
+            help="Out-of-distribution images for ood-binary (default: crops of half of the "
+            "photographs; the other half, natural-crops:photos-b, stays held out)"
+        ),
+    ] = "natural-crops:photos-a",
+    calibrate_on: Annotated[
+        str,
+        typer.Option(
+            help="Benign-shift families to calibrate on (comma-separated, or all); "
+            "see mlaas.shifts. The rest stay held out for bench/detection.py"
+        ),
+    ] = ",".join(CALIBRATION_SHIFTS),
     size: Annotated[int, typer.Option(help="Images per training and calibration set")] = 10_000,
     false_alarm_rate: Annotated[
         float, typer.Option(help="Chance that a benign client of --stream-length queries alarms")
@@ -677,6 +694,7 @@ def defense_train(
                 chosen,
                 victim,
                 outliers=outliers,
+                calibrate_on=calibrate_on,
                 size=size,
                 false_alarm_rate=false_alarm_rate,
                 stream_length=stream_length,
@@ -703,22 +721,40 @@ def defense_train(
 @app.command("alerts")
 def alerts(
     client: Annotated[str | None, typer.Option(help="Only this client's alerts")] = None,
+    account: Annotated[
+        str | None, typer.Option(help="Only this account's alerts (key and account level)")
+    ] = None,
     since: Annotated[
         str | None, typer.Option(help="ISO time or span back from now: 15m, 2h, 7d")
     ] = None,
     fmt: Annotated[Format, typer.Option("--format")] = Format.table,
 ) -> None:
-    """Show the detectors' alerts, oldest first."""
+    """Show the detectors' alerts, oldest first; ``level`` says whether a key's own queries
+    alarmed or its account's taken together."""
     from server.querylog import fetch_alerts
 
     engine = _database(_server_settings())
     rows = fetch_alerts(
-        engine, client=client, since=parse_since(since) if since else None, limit=None
+        engine,
+        client=client,
+        account=account,
+        since=parse_since(since) if since else None,
+        limit=None,
     )
     _emit(
         rows,
         fmt,
-        columns=["time", "client", "detector", "query_count", "score", "threshold", "action"],
+        columns=[
+            "time",
+            "client",
+            "level",
+            "account",
+            "detector",
+            "query_count",
+            "score",
+            "threshold",
+            "action",
+        ],
     )
 
 

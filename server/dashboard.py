@@ -69,15 +69,24 @@ def dashboard_data(request: Request, client: str = "", filter: str = "") -> dict
     engine = state.engine
     minute_ago = datetime.now(UTC) - timedelta(minutes=1)
     clients = []
+    accounts: dict[str, list[str]] = {}  # a shared account's detectors, read once per refresh
     for key in state.keys.list():
-        status = state.monitor.status(key.name) if state.monitor else None
+        flagged_by: list[str] = []
+        if state.monitor is not None:
+            flagged_by = list(state.monitor.status(key.name).flagged_by)
+            if key.account and key.account != key.name:
+                if key.account not in accounts:
+                    shared = state.monitor.account_status(key.account)
+                    accounts[key.account] = [f"account:{d}" for d in shared.flagged_by]
+                flagged_by += accounts[key.account]
         clients.append(
             {
                 "client": key.name,
+                "account": key.account,
                 "status": "revoked" if key.revoked_at else "active",
                 "queries": count_queries(engine, key.name),
                 "last_minute": count_queries(engine, key.name, since=minute_ago),
-                "flagged_by": status.flagged_by if status else [],
+                "flagged_by": flagged_by,
             }
         )
     data: dict[str, Any] = {

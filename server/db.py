@@ -57,6 +57,9 @@ class ApiKey(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
+    # The account the key belongs to: the key's own name unless it shares an account with
+    # other keys (detectors then also decide on the account's queries taken together).
+    account: Mapped[str] = mapped_column(String(128), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     key_prefix: Mapped[str] = mapped_column(String(16))
     granularity: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -97,12 +100,19 @@ class QueryRecord(Base):
 
 
 class AlertRecord(Base):
-    """A detector's alarm on a client: when, after how many of its queries, and what was done."""
+    """A detector's alarm on a client: when, after how many of its queries, and what was done.
+
+    ``level`` is ``key`` for an alarm on the key's own queries, ``account`` for one on its
+    account's queries taken together (``client`` is then the key whose request tripped it and
+    ``query_count`` counts the account's queries).
+    """
 
     __tablename__ = "alerts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     client: Mapped[str] = mapped_column(String(128), index=True)
+    level: Mapped[str] = mapped_column(String(16), default="key")
+    account: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     detector: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     query_count: Mapped[int] = mapped_column(Integer)
@@ -147,15 +157,20 @@ class SchemaOutdated(RuntimeError):
 
 def init_db(engine: Engine) -> None:
     """Create missing tables, and refuse clearly to run on tables that lack columns (there are
-    no migrations yet: an error at start beats a 500 on every query)."""
+    no migrations yet: an error at start beats a 500 on every query). Every outdated table is
+    named at once (accounts, for one, added ``api_keys.account`` and ``alerts.level`` and
+    ``alerts.account``)."""
     Base.metadata.create_all(engine)
     inspector = inspect(engine)
+    outdated = []
     for table in Base.metadata.sorted_tables:
         present = {column["name"] for column in inspector.get_columns(table.name)}
         missing = sorted(set(table.columns.keys()) - present)
         if missing:
-            raise SchemaOutdated(
-                f"table {table.name!r} in {engine.url.render_as_string(hide_password=True)} "
-                f"lacks columns {', '.join(missing)}: it was made by an older version; "
-                "point MLAAS_DATABASE_URL at a new database (or move the old one away)"
-            )
+            outdated.append(f"table {table.name!r} lacks columns {', '.join(missing)}")
+    if outdated:
+        raise SchemaOutdated(
+            f"{engine.url.render_as_string(hide_password=True)}: {'; '.join(outdated)}: "
+            "it was made by an older version; point MLAAS_DATABASE_URL at a new database "
+            "(or move the old one away)"
+        )

@@ -3,6 +3,12 @@
 Keys are 256-bit random tokens, so a plain SHA-256 is a sound way to store them (there is
 nothing to brute-force, unlike passwords); only the hash and a short prefix for recognition
 are kept, and the key itself is shown once, at creation.
+
+Every key belongs to an account: by default the key's own name, i.e. the key alone. Keys
+created with a shared account name are one customer to the detectors, which then also decide
+on the account's queries taken together (a Sybil attacker spreading queries over many keys).
+Key names and shared account names are one namespace: an account named after a key is that
+key alone, so no key may join a key's own account and no key may take a shared account's name.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -46,6 +53,13 @@ class Client:
     granularity: Granularity | None
     limits: LimitSpec = field(default_factory=LimitSpec)
     """The key's own rate limit and quota; unset fields fall back to the deployment's."""
+    account: str | None = None
+    """The key's account; None or the key's own name: the key alone."""
+
+    @property
+    def shared_account(self) -> str | None:
+        """The account when it is more than this key (detectors also decide on it), else None."""
+        return self.account if self.account and self.account != self.name else None
 
     def limits_over(self, default: LimitSpec) -> LimitSpec:
         own = self.limits
@@ -64,10 +78,52 @@ class KeyInfo:
     created_at: datetime
     revoked_at: datetime | None
     limits: LimitSpec = field(default_factory=LimitSpec)
+    account: str | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        """The key as the admin API and ``mlaas keys list`` show it."""
+        return {
+            "name": self.name,
+            "account": self.account,
+            "key_prefix": self.key_prefix,
+            "granularity": self.granularity,
+            "created_at": self.created_at.isoformat(),
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "rate_limit": self.limits.rate,
+            "rate_burst": self.limits.burst,
+            "daily_quota": self.limits.daily_quota,
+        }
 
 
 def _limits_of(row: ApiKey) -> LimitSpec:
     return LimitSpec(rate=row.rate_limit, burst=row.rate_burst, daily_quota=row.daily_quota)
+
+
+def _check_name(name: str, what: str) -> None:
+    if not _NAME_RE.fullmatch(name):  # match() would let "$" pass a trailing newline
+        raise KeyStoreError(
+            f"{what} name {name!r} must be 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _check_namespace(session: Session, name: str, account: str) -> None:
+    """Refuse a key that would blur which keys an account holds (see the module's doc).
+
+    Checked in the creating transaction, not enforced by a constraint: two keys created at
+    the same instant could still cross (keys are made by an operator, one at a time)."""
+    # Joining account X when a key is named X: X is that key's own account.
+    if account != name and session.scalar(select(ApiKey.name).where(ApiKey.name == account)):
+        raise KeyStoreError(
+            f"{account!r} is a client's name, hence that client's own account: "
+            "name the shared account differently"
+        )
+    # A key named after a shared account: its queries would miss the account's record.
+    taken = session.scalar(
+        select(ApiKey.name).where(ApiKey.account == name, ApiKey.name != name).limit(1)
+    )
+    if taken is not None:
+        raise KeyStoreError(f"{name!r} is the name of a shared account (of {taken!r})")
 
 
 def hash_key(key: str) -> str:
@@ -84,19 +140,26 @@ class KeyStore:
         self._last_known: dict[str, Client] = {}
 
     def create(
-        self, name: str, granularity: str | None = None, limits: LimitSpec | None = None
+        self,
+        name: str,
+        granularity: str | None = None,
+        limits: LimitSpec | None = None,
+        account: str | None = None,
     ) -> str:
-        """Create a client and return its key; the key is never stored or shown again."""
-        if not _NAME_RE.fullmatch(name):  # match() would let "$" pass a trailing newline
-            raise KeyStoreError(
-                f"client name {name!r} must be 1-128 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
+        """Create a client and return its key; the key is never stored or shown again.
+
+        ``account``: the account the key joins (default: the key's own name, the key alone).
+        """
+        _check_name(name, "client")
+        account = account or name
+        if account != name:
+            _check_name(account, "account")
         spec = str(Granularity.parse(granularity)) if granularity else None
         limits = limits or LimitSpec()
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         row = ApiKey(
             name=name,
+            account=account,
             key_hash=hash_key(key),
             key_prefix=key[:10],
             granularity=spec,
@@ -106,6 +169,7 @@ class KeyStore:
         )
         try:
             with Session(self._engine) as session, session.begin():
+                _check_namespace(session, name, account)
                 session.add(row)
         except IntegrityError as exc:
             raise DuplicateClient(f"a client named {name!r} already exists") from exc
@@ -124,7 +188,13 @@ class KeyStore:
             rows = session.scalars(select(ApiKey).order_by(ApiKey.created_at)).all()
             return [
                 KeyInfo(
-                    r.name, r.key_prefix, r.granularity, r.created_at, r.revoked_at, _limits_of(r)
+                    r.name,
+                    r.key_prefix,
+                    r.granularity,
+                    r.created_at,
+                    r.revoked_at,
+                    _limits_of(r),
+                    r.account,
                 )
                 for r in rows
             ]
@@ -155,4 +225,4 @@ class KeyStore:
             if row.revoked_at is not None:
                 return None
             granularity = Granularity.parse(row.granularity) if row.granularity else None
-            return Client(row.name, granularity, _limits_of(row))
+            return Client(row.name, granularity, _limits_of(row), row.account)

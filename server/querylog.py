@@ -89,6 +89,8 @@ class PendingAlert:
     score: float
     threshold: float
     action: str
+    level: str = "key"  # or "account": an alarm on the key's account's queries together
+    account: str | None = None
 
 
 def image_sha256(image: np.ndarray) -> str:
@@ -559,12 +561,18 @@ def fetch_alerts(
     engine: Engine,
     *,
     client: str | None = None,
+    account: str | None = None,
+    level: str | None = None,
     since: datetime | None = None,
     limit: int | None = 100,
 ) -> list[dict[str, Any]]:
     statement = select(AlertRecord)
     if client is not None:
         statement = statement.where(AlertRecord.client == client)
+    if account is not None:
+        statement = statement.where(AlertRecord.account == account)
+    if level is not None:
+        statement = statement.where(AlertRecord.level == level)
     if since is not None:
         statement = statement.where(AlertRecord.created_at >= since)
     statement = statement.order_by(AlertRecord.created_at, AlertRecord.id)
@@ -575,6 +583,8 @@ def fetch_alerts(
             {
                 "id": a.id,
                 "client": a.client,
+                "level": a.level,
+                "account": a.account,
                 "detector": a.detector,
                 "time": a.created_at.isoformat(),
                 "query_count": a.query_count,

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defense.detectors import Observation
-from defense.monitor import Policy
+from defense.monitor import Level, Policy
 from mlaas.wire import NPY_MEDIA_TYPE, ErrorBody, ModelInfo, Prediction, PredictResponse
 from server.errors import ApiError
 from server.inputs import (
@@ -285,18 +285,22 @@ async def _degradable(
 
 
 async def _refuse_blocked(state: ServiceState, client: Client) -> None:
+    """403 for a key flagged itself or through its shared account (one more read for that)."""
     monitor = state.monitor
     if monitor is None or monitor.policy is not Policy.block:
         return
-    status = await _degradable(
-        state, monitor.status, client.name, in_process=monitor.store.in_process
+    standing = await _degradable(
+        state,
+        monitor.standing,
+        client.name,
+        client.account,
+        in_process=monitor.store.in_process,
     )
-    if status is not None and status.flagged:
+    if standing is not None and standing.flagged:
         raise ApiError(
             403,
             "client_blocked",
-            f"this client is blocked: flagged by {', '.join(status.flagged_by)} as a likely "
-            "model-extraction attempt",
+            f"this client is blocked: {standing.reason} as a likely model-extraction attempt",
         )
 
 
@@ -415,6 +419,7 @@ async def _infer_and_log(
             state.monitor.observe,
             client.name,
             observation,
+            client.account,
             in_process=state.monitor.store.in_process,
         )
         if verdict is not None:
@@ -422,7 +427,7 @@ async def _infer_and_log(
             alerts = [PendingAlert(**asdict(alert)) for alert in verdict.alerts]
             for alert in verdict.alerts:
                 state.metrics.alerts.labels(alert.detector, alert.action).inc()
-            if verdict.status.flagged and state.monitor.policy is Policy.deceive:
+            if verdict.flagged and state.monitor.policy is Policy.deceive:
                 if isinstance(state.deception, Granularity):
                     granularity = state.deception
                 else:
@@ -551,10 +556,17 @@ class NewKey(BaseModel):
     daily_quota: int | None = Field(
         default=None, ge=1, le=2**31 - 1, description="Images per UTC day"
     )
+    account: str | None = Field(
+        default=None,
+        description="The account the key joins (default: its own name, the key alone); "
+        "detectors also decide on a shared account's queries taken together",
+        json_schema_extra={"pattern": CLIENT_NAME_PATTERN},
+    )
 
 
 class CreatedKey(BaseModel):
     name: str
+    account: str
     key: str = Field(description="Shown once; the server stores only its hash")
 
 
@@ -569,12 +581,22 @@ class CreatedKey(BaseModel):
 def create_key(request: Request, body: NewKey) -> CreatedKey:
     try:
         limits = LimitSpec(body.rate_limit, body.rate_burst, body.daily_quota)
-        key = get_state(request).keys.create(body.name, body.granularity, limits)
+        key = get_state(request).keys.create(body.name, body.granularity, limits, body.account)
     except DuplicateClient as exc:
         raise ApiError(409, "client_exists", str(exc)) from exc
     except (KeyStoreError, ValueError) as exc:
         raise ApiError(422, "invalid_key_request", str(exc)) from exc
-    return CreatedKey(name=body.name, key=key)
+    return CreatedKey(name=body.name, account=body.account or body.name, key=key)
+
+
+@admin_router.get(
+    "/keys",
+    dependencies=[Depends(require_admin)],
+    responses=admin_errors(503),
+    summary="The API keys (never the keys themselves)",
+)
+def list_keys(request: Request) -> list[dict[str, Any]]:
+    return [k.to_row() for k in get_state(request).keys.list()]
 
 
 @admin_router.get(
@@ -636,12 +658,23 @@ def stats(request: Request) -> dict[str, Any]:
 def list_alerts(
     request: Request,
     client: str | None = None,
+    account: str | None = Query(
+        default=None, description="Only this account's alerts, at both levels"
+    ),
+    level: Level | None = Query(default=None, description="Only alerts at this level"),
     since: datetime | None = Query(default=None, description="ISO 8601 time, inclusive"),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> list[dict[str, Any]]:
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-    return fetch_alerts(get_state(request).engine, client=client, since=since, limit=limit)
+    return fetch_alerts(
+        get_state(request).engine,
+        client=client,
+        account=account,
+        level=level.value if level is not None else None,
+        since=since,
+        limit=limit,
+    )
 
 
 @admin_router.get(
@@ -651,26 +684,43 @@ def list_alerts(
     summary="One client's standing",
 )
 def client_standing(request: Request, name: str) -> dict[str, Any]:
+    """The key's status counts its account's: a key whose shared account is flagged is
+    blocked (or deceived) with the others. ``alerts`` holds the key's own alerts and its
+    account's (``level`` tells them apart)."""
     state = get_state(request)
     known = {k.name: k for k in state.keys.list()}
     if name not in known:
         raise ApiError(404, "unknown_client", f"no client named {name!r}")
     key = known[name]
     monitor = state.monitor
-    status = monitor.status(name) if monitor is not None else None
+    standing = monitor.standing(name, key.account) if monitor is not None else None
     if key.revoked_at is not None:
-        standing = "revoked"
-    elif status is not None and status.flagged:
-        standing = {"block": "blocked", "deceive": "deceived"}.get(monitor.policy.value, "flagged")
+        status = "revoked"
+    elif standing is not None and standing.flagged:
+        status = {"block": "blocked", "deceive": "deceived"}.get(monitor.policy.value, "flagged")
     else:
-        standing = "active"
+        status = "active"
+    alerts = fetch_alerts(state.engine, client=name, limit=None)
+    if standing is not None and standing.account is not None:
+        seen = {a["id"] for a in alerts}
+        account_alerts = fetch_alerts(
+            state.engine, account=standing.account, level=Level.account.value, limit=None
+        )
+        alerts += [a for a in account_alerts if a["id"] not in seen]
+        alerts.sort(key=lambda a: (a["time"], a["id"]))
     return {
         "client": name,
-        "status": standing,
+        "account": key.account,
+        "status": status,
         "granularity": key.granularity or str(state.granularity),
         "queries_logged": count_queries(state.engine, name),
-        "monitor": status.to_dict() if status is not None else None,
-        "alerts": fetch_alerts(state.engine, client=name, limit=None),
+        "monitor": standing.status.to_dict() if standing is not None else None,
+        "account_monitor": (
+            standing.account_status.to_dict()
+            if standing is not None and standing.account_status is not None
+            else None
+        ),
+        "alerts": alerts,
     }
 
 

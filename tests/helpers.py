@@ -11,10 +11,12 @@ REDIS_URL = os.environ.get("MLAAS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 """The shared Redis; tests take a prefix of their own from the ``redis_prefix`` fixture."""
 
 
-def create_key(client: TestClient, name: str, granularity: str | None = None) -> str:
+def create_key(
+    client: TestClient, name: str, granularity: str | None = None, account: str | None = None
+) -> str:
     response = client.post(
         "/admin/keys",
-        json={"name": name, "granularity": granularity},
+        json={"name": name, "granularity": granularity, "account": account},
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
     )
     assert response.status_code == 201, response.text
