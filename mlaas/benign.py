@@ -13,7 +13,7 @@ import numpy as np
 
 from mlaas.apiclient import PredictionClient
 from mlaas.datasets import ImageSet
-from mlaas.images import mild_variations
+from mlaas.shifts import apply_shift
 
 
 @dataclass
@@ -23,13 +23,14 @@ class BenignResult:
 
 
 def benign_images(
-    pool: ImageSet, count: int, rng: np.random.Generator
+    pool: ImageSet, count: int, rng: np.random.Generator, shift: str = "mild"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` distinct pool images, mildly varied, and their true labels."""
+    """``count`` distinct pool images as a user of the benign-shift family ``shift`` sends
+    them (:mod:`mlaas.shifts`; default: mild variations), and their true labels."""
     if pool.labels is None:
         raise ValueError(f"{pool.name} has no labels: benign accuracy cannot be measured")
     chosen = np.sort(rng.choice(len(pool), min(count, len(pool)), replace=False))
-    return mild_variations(pool.get_batch(chosen), rng), np.asarray(pool.labels)[chosen]
+    return apply_shift(shift, pool.get_batch(chosen), rng), np.asarray(pool.labels)[chosen]
 
 
 def run_benign_client(

@@ -293,14 +293,14 @@ class _NaturalCrops(ImageSet):
     and means an item does not depend on which other items share its batch.
     """
 
-    def __init__(self, seed: int, size: int, shape: InputShape) -> None:
+    def __init__(self, seed: int, size: int, shape: InputShape, split: str = "all") -> None:
         self.seed = seed
         self.size = size
-        self.name = "natural-crops"
+        self.name = "natural-crops" if split == "all" else f"natural-crops:{split}"
         self.shape = shape
         self.classes = None
         self.labels = None
-        self.photos = [photo for _, photo in _natural_photos()]
+        self.photos = [photo for _, photo in _natural_photos(split)]
         self.sizes = [(photo.height, photo.width) for photo in self.photos]
 
     def __len__(self) -> int:
@@ -329,6 +329,68 @@ class _NaturalCrops(ImageSet):
             crop = _pil_at_shape(self.photos[photo], self.shape, box)
             out[row] = crop[:, ::-1] if flip else crop
         return out
+
+
+SYNTHETIC_DEFAULT_SIZE = 20_000
+SYNTHETIC_SPLITS = ("textures", "noise")
+
+
+class _Synthetic(ImageSet):
+    """Item ``i`` is generated from ``(seed, i)`` alone: images no camera took.
+
+    ``textures``: a sine grating at a random angle and frequency, a checkerboard, smooth
+    (low-pass) noise at a random scale, or a few Gaussian blobs, in random colours;
+    ``noise``: independent uniform pixels. Out-of-distribution queries of another kind than
+    photographs, so that a detector trained against photographs is judged on them too.
+    """
+
+    def __init__(self, split: str, seed: int, size: int, shape: InputShape) -> None:
+        if split not in SYNTHETIC_SPLITS:
+            raise ValueError(f"synthetic has no split {split!r}")
+        self.split, self.seed, self.size, self.shape = split, seed, size, shape
+        self.name = f"synthetic:{split}"
+        self.classes = None
+        self.labels = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        idx = _as_indices(indices, len(self))
+        out = self._empty() if len(idx) == 0 else np.empty((len(idx), *self.shape.hwc), np.uint8)
+        for row, i in enumerate(idx):
+            rng = np.random.default_rng([self.seed, int(i), SYNTHETIC_SPLITS.index(self.split)])
+            out[row] = self._make(rng)
+        return out
+
+    def _make(self, rng: np.random.Generator) -> np.ndarray:
+        height, width, channels = self.shape.hwc
+        if self.split == "noise":
+            return rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        y, x = y / height, x / width
+        kind = int(rng.integers(4))
+        if kind == 0:  # a sine grating
+            angle, cycles = rng.uniform(0, np.pi), rng.uniform(1.5, 12.0)
+            pattern = 0.5 + 0.5 * np.sin(
+                2 * np.pi * cycles * (x * np.cos(angle) + y * np.sin(angle)) + rng.uniform(0, 6.3)
+            )
+        elif kind == 1:  # a checkerboard
+            cells = rng.integers(2, 10)
+            pattern = ((np.floor(x * cells) + np.floor(y * cells)) % 2).astype(np.float32)
+        elif kind == 2:  # smooth noise: a coarse random grid, bilinearly enlarged
+            grid = int(rng.integers(3, 12))
+            coarse = Image.fromarray(rng.uniform(0, 255, (grid, grid)).astype(np.uint8))
+            pattern = np.asarray(coarse.resize((width, height), Image.BICUBIC), np.float32) / 255
+        else:  # a few Gaussian blobs
+            pattern = np.zeros((height, width), np.float32)
+            for _ in range(int(rng.integers(1, 6))):
+                cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
+                pattern += np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))
+            pattern = np.clip(pattern, 0, 1)
+        low, high = rng.uniform(0, 255, size=(2, channels)).astype(np.float32)
+        image = low + pattern[..., None] * (high - low)
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,8 +448,26 @@ NATURAL_PHOTOS: tuple[tuple[str, Callable[[], np.ndarray]], ...] = (
 )
 
 
+NATURAL_CROPS_SPLITS = ("all", "photos-a", "photos-b")
+"""``photos-a`` and ``photos-b`` split the photographs in two (alternately, in the order
+above), so that a detector trained on crops of some photographs can be judged against an
+attacker who queries crops of the others."""
+
+
+def _natural_photos(split: str = "all") -> tuple[tuple[str, Image.Image], ...]:
+    photos = _all_natural_photos()
+    if split == "all":
+        return photos
+    if split not in NATURAL_CROPS_SPLITS:
+        raise ValueError(f"natural-crops has no split {split!r}")
+    # Alternate by position in NATURAL_PHOTOS (not among those that loaded), so that a
+    # photo that fails to load on one machine does not move others between the halves.
+    wanted = {name for i, (name, _) in enumerate(NATURAL_PHOTOS) if i % 2 == (split == "photos-b")}
+    return tuple((name, photo) for name, photo in photos if name in wanted)
+
+
 @functools.lru_cache(maxsize=1)
-def _natural_photos() -> tuple[tuple[str, Image.Image], ...]:
+def _all_natural_photos() -> tuple[tuple[str, Image.Image], ...]:
     """Load the photographs once per process as PIL images, grey kept grey.
 
     Kept as PIL images because making one from an RGB array copies it, and crops of the
@@ -418,9 +498,10 @@ def _natural_photos() -> tuple[tuple[str, Image.Image], ...]:
     return tuple(photos)
 
 
-def natural_photo_names() -> list[str]:
-    """Names of the photographs natural-crops draws from, in the order ``crop_box`` uses."""
-    return [name for name, _ in _natural_photos()]
+def natural_photo_names(split: str = "all") -> list[str]:
+    """Names of the photographs natural-crops (or one of its splits) draws from, in the order
+    ``crop_box`` uses."""
+    return [name for name, _ in _natural_photos(split)]
 
 
 def _unpack_fashion_mnist(raw: Path) -> None:
@@ -582,7 +663,12 @@ def _load_mnist(req: _Request) -> ImageSet:
 
 def _load_natural_crops(req: _Request) -> ImageSet:
     size = NATURAL_CROPS_DEFAULT_SIZE if req.size is None else req.size
-    return _NaturalCrops(req.seed, size, req.shape)
+    return _NaturalCrops(req.seed, size, req.shape, req.split)
+
+
+def _load_synthetic(req: _Request) -> ImageSet:
+    size = SYNTHETIC_DEFAULT_SIZE if req.size is None else req.size
+    return _Synthetic(req.split, req.seed, size, req.shape)
 
 
 def _unavailable(req: _Request, where: Path, exc: BaseException) -> DatasetUnavailable:
@@ -685,13 +771,25 @@ _REGISTRY: dict[str, _Entry] = {
         ),
         _Entry(
             "natural-crops",
-            ("all",),
+            NATURAL_CROPS_SPLITS,
             InputShape(3, 64, 64),
             "seeded random crops of the photographs scikit-image and scikit-learn ship "
             "(offline stand-in for ImageNet queries); no labels; size = pool size "
-            f"(default {NATURAL_CROPS_DEFAULT_SIZE})",
+            f"(default {NATURAL_CROPS_DEFAULT_SIZE}); photos-a / photos-b: crops of one half "
+            "of the photographs each",
             True,
             _load_natural_crops,
+            sizes_itself=True,
+        ),
+        _Entry(
+            "synthetic",
+            SYNTHETIC_SPLITS,
+            InputShape(3, 64, 64),
+            "seeded generated images, no photographs: textures = gratings, checkerboards, "
+            "smooth noise and blobs; noise = uniform pixel noise; no labels; size = pool size "
+            f"(default {SYNTHETIC_DEFAULT_SIZE})",
+            True,
+            _load_synthetic,
             sizes_itself=True,
         ),
         _Entry(

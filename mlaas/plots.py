@@ -6,6 +6,7 @@ in servers, threads and headless CI.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,45 @@ def curve_plot(
     axis.grid(True, alpha=0.3)
     axis.legend(loc="lower right")
     axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def tradeoff_plot(
+    path: Path,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    title: str,
+    deployed: dict[str, tuple[float, float]] | None = None,
+) -> Path:
+    """Detection delay against false-alarm rate, one line per detector as its threshold
+    varies; a star where each is deployed. Points whose median delay is infinite (at most
+    half of the attacks caught) are drawn at the top edge, marked as such."""
+    figure = Figure(figsize=(6.4, 4.2), dpi=120)
+    axis = figure.subplots()
+    finite = [d for rates, delays in series.values() for d in delays if math.isfinite(d)]
+    ceiling = max(finite, default=1000.0) * 2
+    for (label, (rates, delays)), marker in zip(
+        series.items(), ("o-", "s--", "^-.", "d:", "v-"), strict=False
+    ):
+        shown = [d if math.isfinite(d) else ceiling for d in delays]
+        (line,) = axis.plot(rates, shown, marker, markersize=3, label=label)
+        if deployed and label in deployed:
+            rate, delay = deployed[label]
+            axis.plot(
+                [rate], [delay if math.isfinite(delay) else ceiling], "*",
+                color=line.get_color(), markersize=14, markeredgecolor="black",
+            )  # fmt: skip
+    axis.axhline(ceiling, color="grey", linestyle=":", label="most attacks missed")
+    axis.set_xscale("symlog", linthresh=0.01)
+    axis.set_xlim(-0.001, 1.0)
+    axis.set_yscale("log")
+    axis.set_xlabel("false-alarm rate (share of benign clients flagged)")
+    axis.set_ylabel("median queries to detection")
+    axis.grid(True, alpha=0.3, which="both")
+    axis.legend(loc="upper right", fontsize="small", title="star: deployed threshold")
+    axis.set_title(title, fontsize="medium")
     figure.tight_layout()
     figure.savefig(path)
     return path

@@ -15,6 +15,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mlaas.shifts import parse_shifts
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -65,6 +67,13 @@ class AttackerSpec(_Strict):
 class BenignSpec(_Strict):
     clients: int = 3
     queries: int = 300
+    shifts: list[str] = Field(default_factory=lambda: ["mild"], min_length=1)
+    """Benign-shift families (mlaas.shifts), assigned to the clients in turn."""
+
+    @field_validator("shifts")
+    @classmethod
+    def _known_shifts(cls, value: list[str]) -> list[str]:
+        return parse_shifts(value)
 
 
 class ExperimentConfig(_Strict):

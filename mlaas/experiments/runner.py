@@ -101,9 +101,12 @@ def _benign(
     for index in range(config.benign.clients):
         name = f"benign-{index + 1}"
         rng = np.random.default_rng([seed, index])
-        images, labels = benign_images(pool, config.benign.queries, rng)
+        shift = config.benign.shifts[index % len(config.benign.shifts)]
+        images, labels = benign_images(pool, config.benign.queries, rng, shift)
         result = run_benign_client(url, admin.create_key(name), images, labels)
-        clients.append({"client": name, "queries": result.queries, "accuracy": result.accuracy})
+        clients.append(
+            {"client": name, "shift": shift, "queries": result.queries, "accuracy": result.accuracy}
+        )
     admin.wait_for_log(sum(c["queries"] for c in clients), timeout=30)
     time.sleep(0.3)
     for client in clients:
