@@ -143,10 +143,12 @@ def tradeoff(
     paths_attack: np.ndarray,
     below: bool,
     points: int = 60,
+    include: Sequence[float] = (),
 ) -> list[tuple[float, float, float]]:
     """``(threshold, false-alarm rate, median queries to detection)`` as the threshold sweeps
-    from where every benign stream alarms to where no attack stream does. A median of
-    ``inf`` means that at most half of the attack streams were caught."""
+    from where every benign stream alarms to where no attack stream does, plus the thresholds
+    in ``include`` (the deployed one, say). A median of ``inf`` means that at most half of
+    the attack streams were caught."""
     extremes = np.concatenate(
         [_extreme(paths_benign, below), _extreme(paths_attack, below)]
     )
@@ -156,7 +158,9 @@ def tradeoff(
     # Each stream's extreme is where it stops alarming; a step beyond the lowest and the
     # highest ones makes the sweep reach both ends (everyone alarms, no one does).
     ends = [np.nextafter(extremes.min(), -np.inf), np.nextafter(extremes.max(), np.inf)]
-    candidates = np.unique(np.r_[np.quantile(extremes, np.linspace(0, 1, points)), ends])
+    candidates = np.unique(
+        np.r_[np.quantile(extremes, np.linspace(0, 1, points)), ends, np.asarray(include, float)]
+    )
     if below:
         candidates = candidates[::-1]  # from everyone alarming to no one, as for the others
     curve = []

@@ -53,38 +53,45 @@ def curve_plot(
 
 def tradeoff_plot(
     path: Path,
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float], tuple[float, float]]]],
     *,
     title: str,
-    deployed: dict[str, tuple[float, float]] | None = None,
 ) -> Path:
-    """Detection delay against false-alarm rate, one line per detector as its threshold
-    varies; a star where each is deployed. Points whose median delay is infinite (at most
-    half of the attacks caught) are drawn at the top edge, marked as such."""
-    figure = Figure(figsize=(6.4, 4.2), dpi=120)
-    axis = figure.subplots()
-    finite = [d for rates, delays in series.values() for d in delays if math.isfinite(d)]
-    ceiling = max(finite, default=1000.0) * 2
-    for (label, (rates, delays)), marker in zip(
-        series.items(), ("o-", "s--", "^-.", "d:", "v-"), strict=False
-    ):
-        shown = [d if math.isfinite(d) else ceiling for d in delays]
-        (line,) = axis.plot(rates, shown, marker, markersize=3, label=label)
-        if deployed and label in deployed:
-            rate, delay = deployed[label]
+    """Detection delay against false-alarm rate, one panel per attack family and one line per
+    detector as its threshold varies, a star at the deployed threshold: ``panels[family]
+    [detector] = (false-alarm rates, median delays, (deployed rate, deployed delay))``.
+    Where at most half of the attacks are caught (median delay infinite) the line runs along
+    the top edge, marked as such."""
+    columns = min(2, len(panels)) or 1
+    rows = max(1, math.ceil(len(panels) / columns))
+    figure = Figure(figsize=(5.2 * columns, 3.6 * rows + 0.5), dpi=110)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    finite = [
+        d for lines in panels.values() for _, delays, _ in lines.values() for d in delays
+        if math.isfinite(d)
+    ]  # fmt: skip
+    ceiling = max(finite, default=500.0) * 2
+    markers = ("o-", "s--", "^-.", "d:", "v-")
+    for axis, (family, lines) in zip(axes, panels.items(), strict=False):
+        for (label, (rates, delays, star)), marker in zip(lines.items(), markers, strict=False):
+            shown = [d if math.isfinite(d) else ceiling for d in delays]
+            (line,) = axis.plot(rates, shown, marker, markersize=3, label=label)
             axis.plot(
-                [rate], [delay if math.isfinite(delay) else ceiling], "*",
-                color=line.get_color(), markersize=14, markeredgecolor="black",
+                [star[0]], [star[1] if math.isfinite(star[1]) else ceiling], "*",
+                color=line.get_color(), markersize=13, markeredgecolor="black",
             )  # fmt: skip
-    axis.axhline(ceiling, color="grey", linestyle=":", label="most attacks missed")
-    axis.set_xscale("symlog", linthresh=0.01)
-    axis.set_xlim(-0.001, 1.0)
-    axis.set_yscale("log")
-    axis.set_xlabel("false-alarm rate (share of benign clients flagged)")
-    axis.set_ylabel("median queries to detection")
-    axis.grid(True, alpha=0.3, which="both")
-    axis.legend(loc="upper right", fontsize="small", title="star: deployed threshold")
-    axis.set_title(title, fontsize="medium")
+        axis.axhline(ceiling, color="grey", linestyle=":", label="most missed")
+        axis.set_xscale("symlog", linthresh=0.01)
+        axis.set_xlim(-0.001, 1.0)
+        axis.set_yscale("log")
+        axis.set_title(f"Knockoff from {family}", fontsize="medium")
+        axis.set_xlabel("false-alarm rate (benign clients flagged)")
+        axis.set_ylabel("median queries to detection")
+        axis.grid(True, alpha=0.3, which="both")
+        axis.legend(loc="upper right", fontsize="x-small")
+    for axis in axes[len(panels) :]:
+        axis.set_visible(False)
+    figure.suptitle(f"{title}\nstar: the deployed threshold", fontsize="medium")
     figure.tight_layout()
     figure.savefig(path)
     return path
