@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from defense.detectors import Mahalanobis, MaxSoftmax, Observation, Prada
 from defense.monitor import Monitor, Policy
@@ -50,28 +49,39 @@ def test_calibration_refuses_too_little_data() -> None:
 
 
 def test_prada_worked_example() -> None:
-    """Four one-pixel queries of one class: growing set, thresholds and distances by hand."""
-    prada = Prada(delta=0.9, min_distances=3)
+    """Four one-pixel queries of one class, one at a time: PRADA's rule by hand.
+
+    q1 (0) starts the growing set: T = 0, growth distances D = [0], no distance.
+    q2 (128): d = 128/255 > 0, joins; D = [0, 128]/255, mean - std = 64 - 64 = 0: T stays 0.
+    q3 (255): d = 127/255 (to q2) > 0, joins; D = [0, 128, 127]/255, mean 85/255,
+        std sqrt((85^2 + 43^2 + 42^2) / 3)/255 = 60.11/255: T = 24.89/255.
+    q4 (64): d = 64/255 (to q1 and q2) > T, joins; D = [0, 128, 127, 64]/255, mean 79.75/255,
+        std sqrt(2792.1875)/255 = 52.84/255: T = 26.91/255.
+    (Without the initial 0 in D, T would be 128/255 after q2 and q3 would stay out.)
+    """
+    prada = Prada(delta=0.9)
     state = prada.initial_state()
     pixels = np.array([0, 128, 255, 64], dtype=np.uint8).reshape(4, 1, 1, 1)
-    result = prada.observe(state, observation(pixels, np.zeros(4, dtype=int)))
-    x = pixels.reshape(-1) / 255.0
-    # q1 starts the class's growing set; q2 is 0.502 away, above T=0, joins, T becomes 0.502;
-    # q3 is 0.498 from q2, not above T: not added; q4 is 0.251 from q1 and from q2.
-    expected = [x[1] - x[0], x[2] - x[1], min(x[3] - x[0], x[1] - x[3])]
-    np.testing.assert_allclose(result.scores[1:], expected, atol=1e-6)
-    assert np.isnan(result.scores[0])
-    assert len(state["rows_0"]) == 2
-    assert state["class_threshold"][0] == pytest.approx(x[1] - x[0], abs=1e-6)
-    assert result.statistic == pytest.approx(stats.shapiro(expected).statistic, abs=1e-6)
+    scores, thresholds = [], []
+    for i in range(4):
+        result = prada.observe(state, observation(pixels[i : i + 1], np.zeros(1, dtype=int)))
+        scores.append(result.scores[0])
+        thresholds.append(state["class_threshold"][0])
+        assert np.isnan(result.statistic) and result.alarm_at is None  # a test needs > 100
+    assert np.isnan(scores[0])
+    np.testing.assert_allclose(scores[1:], np.array([128, 127, 64]) / 255, rtol=1e-15)
+    expected = [0.0, 0.0, 85 - np.sqrt(10838 / 3), 79.75 - np.sqrt(2792.1875)]
+    np.testing.assert_allclose(thresholds, np.array(expected) / 255, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(state["rows_0"], pixels.reshape(4, 1))
+    np.testing.assert_allclose(state["distances"], np.array([128, 127, 64]) / 255, rtol=1e-15)
 
 
 def jbda_like(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A few seeds, each followed by small steps away from itself, as JBDA's rounds are."""
-    seeds = rng.integers(0, 256, (10, 8, 8, 1)).astype(np.int16)
-    steps = rng.choice([-3, 3], (30, 10, 8, 8, 1))
+    seeds = rng.integers(0, 256, (30, 8, 8, 1)).astype(np.int16)
+    steps = rng.choice([-3, 3], (10, 30, 8, 8, 1))
     synthetic = np.clip(seeds[None] + np.cumsum(steps, axis=0), 0, 255).astype(np.uint8)
-    return synthetic.reshape(-1, 8, 8, 1), np.tile(np.arange(10) % 3, 30)
+    return synthetic.reshape(-1, 8, 8, 1), np.tile(np.arange(30) % 3, 10)
 
 
 def test_prada_flags_synthetic_near_duplicates_but_not_natural_spread() -> None:
@@ -87,16 +97,17 @@ def test_prada_flags_synthetic_near_duplicates_but_not_natural_spread() -> None:
 
 def test_prada_in_one_batch_or_query_by_query_decides_the_same() -> None:
     images, labels = jbda_like(np.random.default_rng(1))
-    prada = Prada(delta=0.95, min_distances=50)
+    prada = Prada(delta=0.95)
     whole = prada.observe(prada.initial_state(), observation(images, labels))
     state = prada.initial_state()
     singles = [
         prada.observe(state, observation(images[i : i + 1], labels[i : i + 1]))
         for i in range(len(images))
     ]
-    np.testing.assert_allclose(np.concatenate([r.scores for r in singles]), whole.scores, rtol=1e-6)
+    np.testing.assert_array_equal(np.concatenate([r.scores for r in singles]), whole.scores)
     first_single = next(i for i, r in enumerate(singles) if r.alarm_at is not None)
     assert whole.alarm_at == first_single
+    assert whole.statistic == singles[-1].statistic
 
 
 def test_state_survives_encoding() -> None:
@@ -130,7 +141,7 @@ def stream(seed: int = 0) -> list[Observation]:
 
 
 def detectors():
-    return [Prada(delta=0.97, min_distances=20), MaxSoftmax(Cusum(drift=0.1, threshold=2.0))]
+    return [Prada(delta=0.97), MaxSoftmax(Cusum(drift=0.1, threshold=2.0))]
 
 
 def replay(monitor: Monitor, client: str) -> list[tuple]:
