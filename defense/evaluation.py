@@ -149,9 +149,7 @@ def tradeoff(
     from where every benign stream alarms to where no attack stream does, plus the thresholds
     in ``include`` (the deployed one, say). A median of ``inf`` means that at most half of
     the attack streams were caught."""
-    extremes = np.concatenate(
-        [_extreme(paths_benign, below), _extreme(paths_attack, below)]
-    )
+    extremes = np.concatenate([_extreme(paths_benign, below), _extreme(paths_attack, below)])
     extremes = extremes[np.isfinite(extremes)]
     if len(extremes) == 0:
         return []

@@ -48,7 +48,9 @@ def _zoom(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     crop_w, crop_h = max(1, round(width * scale)), max(1, round(height * scale))
     left = int(rng.integers(width - crop_w + 1))
     top = int(rng.integers(height - crop_h + 1))
-    return image.resize((width, height), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+    return image.resize(
+        (width, height), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h)
+    )
 
 
 def _rotation(image: Image.Image, rng: np.random.Generator) -> Image.Image:

@@ -113,6 +113,7 @@ def test_grouped_calibration_holds_for_the_worst_group() -> None:
         stream_length=300,
     )  # fmt: skip
     assert grouped.drift > pooled.drift
+
     # A client who stays in the shifted group all along: the pooled calibration flags it
     # often, the grouped one about as rarely as it promised.
     def rate(cusum: Cusum) -> float:
