@@ -484,16 +484,23 @@ def load_artifact(directory: Path, name: str) -> tuple[dict[str, np.ndarray], di
     return arrays, meta
 
 
-def load_detector(name: str, directory: Path, *, prada_delta: float | None = None) -> Detector:
+def load_detector(
+    name: str,
+    directory: Path,
+    *,
+    prada_delta: float | None = None,
+    prada_state_bytes: int | None = None,
+) -> Detector:
     """A ready detector; those that need training read their artifact from ``directory``.
 
     PRADA runs untrained too: with ``prada_delta``, else its calibrated delta if there is an
-    artifact, else the paper's 0.95.
+    artifact, else the paper's 0.95; ``prada_state_bytes`` bounds its growing sets.
     """
     if name == "prada":
         if prada_delta is None and artifact_path(directory, name).exists():
             prada_delta = float(load_artifact(directory, name)[1]["delta"])
-        return Prada(delta=prada_delta if prada_delta is not None else 0.95)
+        bounds = {} if prada_state_bytes is None else {"growing_set_bytes": prada_state_bytes}
+        return Prada(delta=prada_delta if prada_delta is not None else 0.95, **bounds)
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
     arrays, meta = load_artifact(directory, name)

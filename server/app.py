@@ -45,7 +45,12 @@ def build_monitor(settings: ServerSettings, redis_client: Redis | None) -> Monit
     if not settings.detector_names:
         return None
     detectors = [
-        load_detector(name, settings.resolved_defense_dir, prada_delta=settings.prada_delta)
+        load_detector(
+            name,
+            settings.resolved_defense_dir,
+            prada_delta=settings.prada_delta,
+            prada_state_bytes=settings.prada_state_bytes,
+        )
         for name in settings.detector_names
     ]
     store = (

@@ -18,7 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from defense.detectors import DETECTORS
+from defense.detectors import DEFAULT_DETECTORS, DETECTORS
 from defense.monitor import Policy
 from defense.perturb import Perturbation
 from mlaas.config import CommonSettings
@@ -76,7 +76,9 @@ class ServerSettings(CommonSettings):
     )
 
     detectors: str = Field(
-        default="", description="Comma-separated: ood-binary, msp, mahalanobis, prada"
+        default="",
+        description="Comma-separated: ood-binary, msp, mahalanobis, prada, or default "
+        "(the set bench/detection.py measured best out of sample)",
     )
     policy: str = Field(default="monitor", description="monitor, block or deceive")
     deceive: str = Field(
@@ -89,6 +91,13 @@ class ServerSettings(CommonSettings):
     )
     prada_delta: float | None = Field(
         default=None, gt=0, lt=1, description="Default: calibrated by `mlaas defense train`"
+    )
+    prada_state_bytes: int = Field(
+        default=4 * 2**20,
+        ge=2**16,
+        description="PRADA's growing sets per client, at most (oldest members evicted first); "
+        "raise it for large inputs or many classes, where it must hold more rows per class "
+        "than an attacker has seed lineages",
     )
     redis_url: str | None = Field(
         default=None, description="Shared per-client detector state; default: in-process"
@@ -145,6 +154,9 @@ class ServerSettings(CommonSettings):
     @classmethod
     def _known_detectors(cls, value: str) -> str:
         names = [n.strip() for n in value.split(",") if n.strip()]
+        if "default" in names:  # the measured default set, in place
+            at = names.index("default")
+            names[at : at + 1] = [n for n in DEFAULT_DETECTORS if n not in names]
         unknown = [n for n in names if n not in DETECTORS]
         if unknown:
             raise ValueError(f"unknown detector {unknown[0]!r}; choose from {', '.join(DETECTORS)}")
