@@ -1,6 +1,6 @@
 """``mlaas demo``: the whole testbed, offline, on the embedded default, in a few minutes.
 
-Train (or reuse) the default victim and its ``ood-binary`` detector, serve it as a real
+Train (or reuse) the default victim and its default detectors, serve it as a real
 ``mlaas serve`` process on loopback with detectors on (SQLite log, in-process state), then run
 side by side, each under its own key: benign clients, a Knockoff nets adversary (natural
 crops), the realistic adversary (in-domain pool) and a JBDA adversary. It ends with one table
@@ -28,13 +28,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from defense.detectors import DEFAULT_DETECTORS
 from mlaas.apiclient import AdminClient
 from mlaas.benign import benign_images, run_benign_client
 from mlaas.datasets import load_dataset
 from mlaas.modelstore import ModelCard, load_card
 from mlaas.serverproc import ServerProcess
+from mlaas.shifts import HELD_OUT_SHIFTS
 
-DETECTORS = ("ood-binary", "prada")
+DETECTORS = DEFAULT_DETECTORS
+KNOCKOFF_TRANSFER = "natural-crops:photos-b"
+"""Crops of the photographs the detectors never trained on: the demo's alerts are out of
+sample, as a real attacker's would be."""
 
 
 @dataclass
@@ -83,10 +88,16 @@ def ensure_victim(victim_dir: Path, console: Console) -> ModelCard:
 
 def ensure_detectors(victim_dir: Path, console: Console) -> None:
     """Train and calibrate the demo's detectors unless the victim already has them."""
-    from defense.detectors import artifact_path
+    from defense.detectors import artifact_path, load_artifact
     from defense.training import train_detectors
 
-    missing = [d for d in DETECTORS if not artifact_path(victim_dir / "defense", d).exists()]
+    def current(name: str) -> bool:
+        """Trained, and by this version's protocol (calibrated on benign-shift families)."""
+        if not artifact_path(victim_dir / "defense", name).exists():
+            return False
+        return "calibration_shifts" in load_artifact(victim_dir / "defense", name)[1]
+
+    missing = [d for d in DETECTORS if not current(d)]
     if not missing:
         console.print(f"[green]reusing[/] the {' and '.join(DETECTORS)} detectors")
         return
@@ -102,8 +113,10 @@ def ensure_detectors(victim_dir: Path, console: Console) -> None:
 
 def _benign(run: ClientRun, url: str, key: str, plan: DemoPlan, index: int, shape) -> None:
     pool = load_dataset("fashion-mnist:pool", shape)
+    # Honest users whose habits the detectors were not calibrated on.
+    shift = HELD_OUT_SHIFTS[index % len(HELD_OUT_SHIFTS)]
     images, labels = benign_images(
-        pool, plan.benign_queries, np.random.default_rng([plan.seed, index])
+        pool, plan.benign_queries, np.random.default_rng([plan.seed, index]), shift
     )
     run.api_accuracy = run_benign_client(url, key, images, labels).accuracy
 
@@ -114,7 +127,7 @@ def _attack(run: ClientRun, url: str, key: str, experimenter: str, workdir: Path
 
     options: dict[str, Any] = {"budget": run.budget, "eval_size": plan.eval_size, "seed": plan.seed}
     if run.kind == "knockoff":
-        options["checkpoints"] = [250, 500]
+        options.update(checkpoints=[250, 500], transfer=KNOCKOFF_TRANSFER)
     elif run.kind == "realistic":
         options.update(checkpoints=[250, 500], epochs=30, patience=5)
     else:
