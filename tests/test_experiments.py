@@ -93,3 +93,14 @@ def test_a_tiny_matrix_runs_resumes_and_records_failures(tmp_path: Path) -> None
     again = run_experiment(config, out)
     assert again == {"cells": 4, "skipped": 2, "ok": 0, "failed": 2}  # finished cells skipped
     assert card.stat().st_mtime == trained_at  # and the victim was not trained again
+
+
+def test_claims_are_reported_with_their_spread_and_hold_only_in_every_seed() -> None:
+    from mlaas.experiments.report import _spread, _verdict
+
+    assert _verdict([True, True, True]) == "yes, in 3/3 seeds"
+    assert _verdict([True]) == "yes"
+    assert _verdict([True, False, True]) == "mixed: 2/3 seeds"
+    assert _verdict([False, False]) == "no"
+    assert _spread([0.5]) == "50.0%"
+    assert _spread([0.4, 0.6]) == "50.0% (sd 10.0%, 40.0%-60.0% over 2 seeds)"

@@ -234,7 +234,8 @@ def run_experiment(
                 if not group_path.exists():
                     write_json_atomic(
                         group_path,
-                        {"group": group_id, "victim": card.model_dump(mode="json"),
+                        {"group": group_id, "seed": first.seed,
+                         "victim": card.model_dump(mode="json"),
                          "defense": first.defense.model_dump(),
                          "benign": _benign(server.url, admin, config, card, first.seed)},
                     )  # fmt: skip
