@@ -9,7 +9,10 @@ server runs it, on:
 * benign clients: ``--benign-streams`` streams of ``--length`` distinct public-pool images
   (never seen by any detector) per benign-shift family (`mlaas.shifts`);
 * Knockoff clients (random sampling): ``--attack-streams`` streams per out-of-distribution
-  family, plus the realistic adversary's raw in-domain pool images.
+  family, plus the realistic adversary's raw in-domain pool images;
+* the same attacks spread over ``--sybil-keys`` keys of one account (round robin, as the
+  attacker client's repeated ``--key`` does): each key's share judged alone (level "key")
+  and all of them together (level "account").
 
 A family is *held out* when the detectors were neither trained nor calibrated on it (read
 from their artifacts). The table gives, per detector, the share of benign streams that
@@ -92,7 +95,7 @@ def measure(args: argparse.Namespace) -> dict:
     shape = card.shape
     pool = load_dataset(f"{card.dataset.split(':')[0]}:pool", shape)
     rng = np.random.default_rng(args.seed)
-    results = []
+    results, sybil = [], []
     for family in families(meta):
         started = time.perf_counter()
         if family.kind == "benign":
@@ -100,13 +103,62 @@ def measure(args: argparse.Namespace) -> dict:
         else:
             source = load_family(family, shape, seed=args.seed + 1000)
             streams = attack_streams(source, args.attack_streams, args.length, rng)
-        paths = decision_paths(detectors, lambda images: forward(model, images), streams)
+        victim = lambda images: forward(model, images)  # noqa: E731
+        paths = decision_paths(detectors, victim, streams)
         results.append((family, paths))
+        if family.kind == "attack" and args.sybil_keys > 1:
+            # Each key's share of every stream; the account's stream is the stream itself.
+            shares = [s[k :: args.sybil_keys] for s in streams for k in range(args.sybil_keys)]
+            sybil.append((family, paths, decision_paths(detectors, victim, shares)))
         print(
             f"{family.label}: {len(streams)} streams in {time.perf_counter() - started:.0f} s",
             file=sys.stderr,
         )
-    return summarise(args, detectors, meta, results)
+    summary = summarise(args, detectors, meta, results)
+    summary["sybil"] = summarise_sybil(args, detectors, sybil)
+    return summary
+
+
+def summarise_sybil(args, detectors, sybil) -> list[dict]:
+    """Per attack family and detector: how many of the keys were flagged on their own, and
+    after how many queries per key the account was (median over the streams)."""
+    rows = []
+    keys = args.sybil_keys
+    for family, account_paths, key_paths in sybil:
+        cells = {}
+        for detector in detectors:
+            threshold, below = deployed_threshold(detector), alarms_below(detector)
+            alone = first_alarm(key_paths[detector.name], threshold, below)
+            together = first_alarm(account_paths[detector.name], threshold, below)
+            per_key = np.where(together > 0, np.ceil(together / keys), np.inf)
+            cells[detector.name] = {
+                "keys_flagged": int((alone > 0).sum()),
+                "keys": len(alone),
+                "account_flagged": int((together > 0).sum()),
+                "accounts": len(together),
+                "account_median_per_key": float(np.median(per_key)),
+            }
+        rows.append({"family": family.label, "held_out": family.held_out, "cells": cells})
+    return rows
+
+
+def render_sybil(summary: dict) -> str:
+    if not summary.get("sybil"):
+        return ""
+    names = list(summary["sybil"][0]["cells"])
+    lines = [
+        f"| {summary['sybil_keys']} keys, one account | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for row in summary["sybil"]:
+        cells = []
+        for name in names:
+            cell = row["cells"][name]
+            median = cell["account_median_per_key"]
+            account = "account -" if not np.isfinite(median) else f"account at {median:.0f} per key"
+            cells.append(f"{account}; keys alone {cell['keys_flagged']}/{cell['keys']}")
+        lines.append(f"| {row['family']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarise(args, detectors, meta, results) -> dict:
@@ -154,6 +206,7 @@ def summarise(args, detectors, meta, results) -> dict:
         "victim": str(args.victim),
         "length": args.length,
         "seed": args.seed,
+        "sybil_keys": args.sybil_keys,
         "default_set": chosen,
         "calibration_shifts": sorted(
             {s for m in meta.values() for s in m.get("calibration_shifts", [])}
@@ -285,6 +338,7 @@ def main() -> None:
     parser.add_argument("--attack-streams", type=int, default=20)
     parser.add_argument("--length", type=int, default=1000, help="queries per client")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sybil-keys", type=int, default=10, help="keys of one account")
     parser.add_argument("--quick", action="store_true", help="10 benign, 5 attack streams")
     parser.add_argument("--json", action="store_true", help="end with the summary as JSON")
     parser.add_argument("--throughput", action="store_true", help="serving cost instead")
@@ -305,6 +359,9 @@ def main() -> None:
         f"default set: {', '.join(summary['default_set'])}\n"
     )
     print(render(summary))
+    if summary["sybil"]:
+        print(f"\nthe same attacks over {args.sybil_keys} keys of one account:\n")
+        print(render_sybil(summary))
     if figure:
         print(f"\ntrade-off curves: {figure}")
     if args.json:
