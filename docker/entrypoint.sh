@@ -1,6 +1,7 @@
 #!/bin/sh
-# `serve`: train the default victim when the volume has none, then serve it on all interfaces.
-# `train-victim`: only the training step (compose runs it once, before the API replicas).
+# `serve`: train the default victim and its default detectors when the volume has none, then
+# serve it on all interfaces. `train-victim`: only the training step (compose runs it once,
+# before the API replicas).
 # Anything else runs as given (e.g. `mlaas attack ...`, `mlaas logs`).
 set -e
 victim="${MLAAS_VICTIM_DIR:-/var/lib/mlaas/victims/fashion}"
@@ -8,6 +9,10 @@ train_if_missing() {
     if [ ! -f "$victim/card.json" ]; then
         echo "no victim in $victim: training the default one" >&2
         mlaas victim train --out "$victim"
+    fi
+    if [ ! -f "$victim/defense/ood-binary.npz" ] || [ ! -f "$victim/defense/mahalanobis.npz" ]; then
+        echo "training the default detectors for $victim" >&2
+        mlaas defense train default --victim "$victim"
     fi
 }
 case "$1" in

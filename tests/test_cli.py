@@ -51,6 +51,19 @@ def test_settings_from_toml_file_and_environment(tmp_path, monkeypatch) -> None:
         ServerSettings()
 
 
+def test_the_default_detector_set_expands_in_place(monkeypatch) -> None:
+    from defense.detectors import DEFAULT_DETECTORS
+
+    monkeypatch.setenv("MLAAS_DETECTORS", "default")
+    assert ServerSettings().detector_names == list(DEFAULT_DETECTORS)
+    monkeypatch.setenv("MLAAS_DETECTORS", "prada,default,ood-binary")
+    names = ServerSettings().detector_names
+    assert names[0] == "prada" and sorted(names) == sorted({"prada", *DEFAULT_DETECTORS})
+    monkeypatch.setenv("MLAAS_DETECTORS", "defaults")
+    with pytest.raises(ValueError, match="unknown detector 'defaults'"):
+        ServerSettings()
+
+
 def test_default_database_lives_under_var_dir(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("MLAAS_DATABASE_URL", raising=False)
     monkeypatch.setenv("MLAAS_VAR_DIR", str(tmp_path))
