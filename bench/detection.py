@@ -72,12 +72,13 @@ IN_DOMAIN = "fashion-mnist:pool"
 """The realistic adversary's queries: in-domain, what no out-of-distribution test can see."""
 
 
-def families(meta: dict[str, dict]) -> list[Family]:
+def families(meta: dict[str, dict], extra: list[str]) -> list[Family]:
     """Every benign and attack family, marked held out unless a detector saw it."""
     calibrated = {s for m in meta.values() for s in m.get("calibration_shifts", [])}
     trained = {m["outliers"] for m in meta.values() if "outliers" in m}
     out = [Family("benign", name, name not in calibrated) for name in SHIFTS]
-    out += [Family("attack", name, name not in trained) for name in ATTACK_FAMILIES]
+    attacks = [*ATTACK_FAMILIES, *(e for e in extra if e not in ATTACK_FAMILIES)]
+    out += [Family("attack", name, name not in trained) for name in attacks]
     out.append(Family("attack", IN_DOMAIN, True))
     return out
 
@@ -96,7 +97,7 @@ def measure(args: argparse.Namespace) -> dict:
     pool = load_dataset(f"{card.dataset.split(':')[0]}:pool", shape)
     rng = np.random.default_rng(args.seed)
     results, sybil = [], []
-    for family in families(meta):
+    for family in families(meta, args.attack):
         started = time.perf_counter()
         if family.kind == "benign":
             streams = benign_streams(pool, family.name, args.benign_streams, args.length, rng)
@@ -339,6 +340,14 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=1000, help="queries per client")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sybil-keys", type=int, default=10, help="keys of one account")
+    parser.add_argument(
+        "--attack",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="another Knockoff transfer set: a registered data set or an ImageFolder path "
+        "(repeat for several)",
+    )
     parser.add_argument("--quick", action="store_true", help="10 benign, 5 attack streams")
     parser.add_argument("--json", action="store_true", help="end with the summary as JSON")
     parser.add_argument("--throughput", action="store_true", help="serving cost instead")
