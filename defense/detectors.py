@@ -2,8 +2,9 @@
 
 All detectors share one interface. They read what the victim's single forward pass already
 computed (logits, probabilities, penultimate features) or the input itself, update the
-client's state, and report per-query scores, their decision statistic and the query, if any,
-at which the client crossed the line.
+client's state, and report per-query scores, their decision statistic (after the batch, and
+after each query where it has one) and the query, if any, at which the client crossed the
+line: the statistic went past ``threshold``, above it or below it as ``direction`` says.
 
 * ``ood-binary``   Atli et al.'s defense: a binary classifier on the victim's penultimate
                    features, in-distribution vs natural out-of-distribution images, whose
@@ -53,11 +54,19 @@ class DetectorResult:
     statistic: float  # the decision statistic after the batch
     threshold: float
     alarm_at: int | None  # index in the batch of the first query past the threshold
+    path: np.ndarray  # per query, the decision statistic after it; NaN where none was taken
 
 
 class Detector(ABC):
     name: ClassVar[str]
     needs_training: ClassVar[bool] = False
+    direction: ClassVar[str] = "above"
+    """The side of ``threshold`` on which the decision statistic alarms: above or below."""
+
+    @property
+    @abstractmethod
+    def threshold(self) -> float:
+        """What the decision statistic is compared with."""
 
     @abstractmethod
     def initial_state(self) -> State: ...
@@ -73,6 +82,10 @@ class CusumDetector(Detector):
     def __init__(self, cusum: Cusum) -> None:
         self.cusum = cusum
 
+    @property
+    def threshold(self) -> float:
+        return self.cusum.threshold
+
     @abstractmethod
     def score(self, batch: Observation) -> np.ndarray: ...
 
@@ -83,7 +96,7 @@ class CusumDetector(Detector):
         scores = self.score(batch).astype(np.float64)
         path, alarm = self.cusum.run(float(state["statistic"]), scores)
         state["statistic"] = np.array(path[-1] if len(path) else state["statistic"])
-        return DetectorResult(scores, float(state["statistic"]), self.cusum.threshold, alarm)
+        return DetectorResult(scores, float(state["statistic"]), self.threshold, alarm, path)
 
 
 class MaxSoftmax(CusumDetector):
@@ -210,10 +223,12 @@ class Prada(Detector):
 
     ``statistic`` is W at the latest test that had one (NaN before); ``alarm_at`` the query of
     the batch whose test first gave W < delta, once per client. Before the alarm every test in
-    a batch is evaluated (to find that query); after it, only the batch's last.
+    a batch is evaluated (to find that query); after it, only the batch's last. ``path`` holds
+    W after the queries whose test was evaluated and had one, NaN after the others.
     """
 
     name = "prada"
+    direction = "below"
     TEST_EVERY = 10  # a test after every query whose 0-based index is a multiple of this
     CLASS_MINIMUM = 10  # a class's distances join the test once it has this many
     TEST_MINIMUM = 100  # a test needs more than this many distances, after outliers
@@ -237,6 +252,10 @@ class Prada(Detector):
         self.delta = delta
         self.growing_set_bytes = int(growing_set_bytes)
         self.distance_window = int(distance_window)
+
+    @property
+    def threshold(self) -> float:
+        return self.delta
 
     def rows_per_class(self, row_bytes: int, classes: int) -> int:
         """Each class's growing-set cap, in rows of ``row_bytes`` (uint8 pixels per input)."""
@@ -271,7 +290,8 @@ class Prada(Detector):
             state.update(self.initial_state())
         count = len(batch)
         if count == 0:
-            return DetectorResult(np.zeros(0), float(state["statistic"]), self.delta, None)
+            empty = np.zeros(0)
+            return DetectorResult(empty, float(state["statistic"]), self.delta, None, empty)
         x = images.reshape(count, -1)
         labels = batch.probs.argmax(axis=1)
         self._fit_classes(state, batch.probs.shape[1])
@@ -293,11 +313,12 @@ class Prada(Detector):
         before = len(state["distances"])
         distances = np.concatenate([state["distances"], scores[recorded]])
         owners = np.concatenate([state["distance_classes"], owners])
-        alarm = self._run_tests(state, distances, owners, before, recorded, count)
+        path = np.full(count, np.nan)
+        alarm = self._run_tests(state, distances, owners, before, recorded, path)
         state["distances"] = distances[-self.distance_window :]
         state["distance_classes"] = owners[-self.distance_window :]
         state["queries"] = np.array(int(state["queries"]) + count, dtype=np.int64)
-        return DetectorResult(scores, float(state["statistic"]), self.delta, alarm)
+        return DetectorResult(scores, float(state["statistic"]), self.delta, alarm, path)
 
     @staticmethod
     def _fit_classes(state: State, classes: int) -> None:
@@ -399,14 +420,15 @@ class Prada(Detector):
         owners: np.ndarray,
         before: int,
         recorded: np.ndarray,
-        count: int,
+        path: np.ndarray,
     ) -> int | None:
         """The batch's tests; the index of the query whose test raised the alarm, if one did.
 
         ``distances``/``owners``: the window before the batch (``before`` long) then the
-        batch's recorded distances, at batch positions ``recorded``.
+        batch's recorded distances, at batch positions ``recorded``. ``path`` (one per query
+        of the batch, NaN) gets W after each query whose test is evaluated and has one.
         """
-        positions = range(-int(state["queries"]) % self.TEST_EVERY, count, self.TEST_EVERY)
+        positions = range(-int(state["queries"]) % self.TEST_EVERY, len(path), self.TEST_EVERY)
 
         def test(position: int) -> bool:
             end = before + int(np.searchsorted(recorded, position, side="right"))
@@ -415,6 +437,7 @@ class Prada(Detector):
             if w is not None:
                 state["statistic"] = np.array(w)
                 state["present"] = np.array(w < self.delta)
+                path[position] = w
             return w is not None
 
         if bool(state["alarmed"]):

@@ -15,6 +15,11 @@ stream. An account's record is named ``account:NAME``; client names cannot hold 
 the two never collide. The records are updated one after the other, each under its own lock
 (never both held at once). A key alone in its account (the default: the account is the key's
 own name) has only its key record, as before.
+
+Per query, a verdict carries each detector's score and its decision statistic after the
+query (the CUSUM's sum, PRADA's W where a test was taken), with the query's number: what the
+query log keeps so that the dashboard can draw each statistic against its threshold up to the
+alert. At account level the same, prefixed ``account:``.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
+import numpy as np
+
 from defense.detectors import Detector, Observation
 from defense.state import Record, StateStore
 
 SUMMARY = "_summary"
 ACCOUNT_PREFIX = "account:"
+QUERY = "query"
+"""In a query's statistics: the query's number in its client's (or account's) stream, from 1."""
 
 
 def account_record(account: str) -> str:
@@ -74,12 +83,19 @@ class ClientStatus:
         return asdict(self)
 
 
+Statistics = dict[str, float | int | None]
+
+
 @dataclass
 class Verdict:
     scores: list[dict[str, float | None]]  # per query: detector -> score (the key's)
     alerts: list[Alert]
     status: ClientStatus  # the key's
     account_status: ClientStatus | None = None  # its shared account's, when it has one
+    statistics: list[Statistics] = field(default_factory=list)
+    """Per query: detector -> its decision statistic after the query (None where it took
+    none), and ``query`` -> the query's number in the key's stream; for a key in a shared
+    account also ``account:<detector>`` and ``account:query``, the account's."""
 
     @property
     def flagged(self) -> bool:
@@ -118,6 +134,27 @@ def _finite(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def _columns(arrays: list[np.ndarray]) -> list[list[float | None]]:
+    """Per-query floats as JSON keeps them, None where not finite: one NumPy pass for all the
+    detectors' scores and statistics of a batch, no Python loop."""
+    if not arrays:
+        return []
+    stacked = np.array(arrays, dtype=np.float64)
+    finite = np.isfinite(stacked)
+    if finite.all():
+        return stacked.tolist()
+    columns = stacked.astype(object)
+    columns[~finite] = None
+    return columns.tolist()
+
+
+def _rows(names: list[str], columns: list[list], count: int) -> list[dict]:
+    """Columns of per-query values as one dict per query."""
+    if not names:
+        return [{} for _ in range(count)]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+
+
 class Monitor:
     def __init__(
         self, detectors: list[Detector], store: StateStore, policy: Policy = Policy.monitor
@@ -152,21 +189,37 @@ class Monitor:
         """Score a batch of ``client``'s queries, in order, and update its record; when
         ``account`` is given and is not the client's own name, update the account's too."""
         shared = account if account and account != client else None
-        scores, alerts, status = self._observe(client, client, batch, Level.key, account)
+        count = len(batch)
+        key = self._observe(client, client, batch, Level.key, account)
+        scores = _rows(self.names, key.scores, count)
+        names = [QUERY, *self.names]
         if shared is None:
-            return Verdict(scores, alerts, status)
-        _, more, account_status = self._observe(
-            account_record(shared), client, batch, Level.account, shared
+            statistics = _rows(names, key.statistics, count)
+            return Verdict(scores, key.alerts, key.status, statistics=statistics)
+        at_account = self._observe(account_record(shared), client, batch, Level.account, shared)
+        statistics = _rows(
+            names + [ACCOUNT_PREFIX + name for name in names],
+            key.statistics + at_account.statistics,
+            count,
         )
-        return Verdict(scores, alerts + more, status, account_status)
+        return Verdict(
+            scores, key.alerts + at_account.alerts, key.status, at_account.status, statistics
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return [detector.name for detector in self.detectors]
 
     def _observe(
         self, record_name: str, client: str, batch: Observation, level: Level, account: str | None
-    ) -> tuple[list[dict[str, float | None]], list[Alert], ClientStatus]:
+    ) -> _Observed:
+        """Observe ``batch`` under one record (the key's or its account's), under its lock."""
         with self.store.lock(record_name):
             record = self.store.load(record_name)
             status = _status_from(record_name, record.get(SUMMARY))
-            scores: list[dict[str, float | None]] = [{} for _ in range(len(batch))]
+            numbers = list(range(status.queries + 1, status.queries + len(batch) + 1))
+            scores: list[np.ndarray] = []
+            paths: list[np.ndarray] = []
             alerts: list[Alert] = []
             updated: Record = {}
             for detector in self.detectors:
@@ -175,8 +228,8 @@ class Monitor:
                     state = detector.initial_state()
                 result = detector.observe(state, batch)
                 updated[detector.name] = state
-                for row, value in zip(scores, result.scores, strict=True):
-                    row[detector.name] = _finite(value)
+                scores.append(result.scores)
+                paths.append(result.path)
                 status.statistics[detector.name] = _finite(result.statistic)
                 if result.alarm_at is not None and detector.name not in status.flagged_by:
                     count = status.queries + result.alarm_at + 1
@@ -200,7 +253,19 @@ class Monitor:
                 status.first_alert_at = min(status.first_alert_at or earliest, earliest)
             updated[SUMMARY] = json.dumps(status.to_dict()).encode()
             self.store.save(record_name, updated)
-        return scores, alerts, status
+        columns = _columns(scores + paths)
+        split = len(self.detectors)
+        return _Observed(columns[:split], [numbers, *columns[split:]], alerts, status)
+
+
+@dataclass
+class _Observed:
+    """A batch observed under one record, per query as columns (one per detector, in order)."""
+
+    scores: list[list[float | None]]
+    statistics: list[list]  # the queries' numbers, then each detector's statistic
+    alerts: list[Alert]
+    status: ClientStatus
 
 
 def _status_from(client: str, raw: object) -> ClientStatus:

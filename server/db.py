@@ -87,6 +87,10 @@ class QueryRecord(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     granularity: Mapped[str] = mapped_column(String(64))
     scores: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Each detector's decision statistic after the query and the query's number, the key's
+    # and (``account:``-prefixed) its shared account's: what the dashboard plots against the
+    # thresholds. None when no detector ran.
+    statistics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # An idempotent request's key and the image's place in it: a retried request is answered
     # from these rows, after a restart or on another replica, and the unique index makes a
     # request's rows land once even when two replicas race on the same key.
@@ -159,7 +163,7 @@ def init_db(engine: Engine) -> None:
     """Create missing tables, and refuse clearly to run on tables that lack columns (there are
     no migrations yet: an error at start beats a 500 on every query). Every outdated table is
     named at once (accounts, for one, added ``api_keys.account`` and ``alerts.level`` and
-    ``alerts.account``)."""
+    ``alerts.account``; the dashboard's decision statistics ``queries.statistics``)."""
     Base.metadata.create_all(engine)
     inspector = inspect(engine)
     outdated = []

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
@@ -75,6 +75,7 @@ class PendingQuery:
     latency_ms: float
     granularity: str
     scores: dict[str, Any] | None = None
+    statistics: dict[str, Any] | None = None  # decision statistics after it, and its number
     request_key: str | None = None  # the request's Idempotency-Key
     position: int | None = None  # the image's place in its request
     input_sha256: str | None = None  # when the handler has computed it already
@@ -111,6 +112,7 @@ def _to_row(query: PendingQuery, store_input: bool) -> dict[str, Any]:
         "latency_ms": query.latency_ms,
         "granularity": query.granularity,
         "scores": query.scores,
+        "statistics": query.statistics,
         "request_key": query.request_key,
         "position": query.position,
     }
@@ -140,7 +142,26 @@ class Spool:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.engine = make_engine(f"sqlite:///{path}")
+        self._add_new_columns()
         init_db(self.engine)  # the log's own tables, in a local file
+
+    def _add_new_columns(self) -> None:
+        """Add to a spool an older version left the nullable columns added since (such as
+        ``queries.statistics``): its rows are answered queries that must still reach the
+        database, and the spool is this server's own file, so it is upgraded, not refused."""
+        inspector = inspect(self.engine)
+        with self.engine.begin() as connection:
+            for table in (QueryRecord.__table__, AlertRecord.__table__):
+                if not inspector.has_table(table.name):
+                    continue
+                present = {column["name"] for column in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name in present or not column.nullable:
+                        continue
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    connection.execute(
+                        text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+                    )
 
     def put(self, rows: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> None:
         with Session(self.engine) as session, session.begin():
@@ -515,6 +536,7 @@ def record_to_dict(record: QueryRecord, include_input: bool = False) -> dict[str
         "latency_ms": round(record.latency_ms, 3),
         "granularity": record.granularity,
         "scores": record.scores,
+        "statistics": record.statistics,
     }
     if include_input:
         png = record.input_png
@@ -545,6 +567,23 @@ def fetch_queries(
         statement = statement.limit(limit)
     with Session(engine) as session:
         return [record_to_dict(r, include_input) for r in session.scalars(statement)]
+
+
+def fetch_statistics(
+    engine: Engine, clients: Sequence[str], *, limit: int = 300
+) -> list[dict[str, Any]]:
+    """The decision statistics of ``clients``' newest ``limit`` queries, newest first, for
+    those that have them (a query the monitor did not see has none): the column alone."""
+    if not clients:
+        return []
+    statement = (
+        select(QueryRecord.statistics)
+        .where(QueryRecord.client.in_(list(clients)))
+        .order_by(QueryRecord.created_at.desc(), QueryRecord.id)
+        .limit(limit)
+    )
+    with Session(engine) as session:
+        return [row for row in session.scalars(statement) if isinstance(row, dict)]
 
 
 def count_queries(engine: Engine, client: str | None = None, since: datetime | None = None) -> int:

@@ -409,6 +409,7 @@ async def _infer_and_log(
     probs = state.perturbation.apply(output.probs, state.rng)
     granularity = client.granularity or state.granularity
     scores: list[dict[str, float | None]] | None = None
+    statistics: list[dict[str, Any]] | None = None
     alerts: list[PendingAlert] = []
     if state.monitor is not None:
         observation = Observation(batch.images, output.logits, output.probs, output.features)
@@ -423,7 +424,7 @@ async def _infer_and_log(
             in_process=state.monitor.store.in_process,
         )
         if verdict is not None:
-            scores = verdict.scores
+            scores, statistics = verdict.scores, verdict.statistics
             alerts = [PendingAlert(**asdict(alert)) for alert in verdict.alerts]
             for alert in verdict.alerts:
                 state.metrics.alerts.labels(alert.detector, alert.action).inc()
@@ -451,6 +452,7 @@ async def _infer_and_log(
                 latency_ms=latency_ms,
                 granularity=spec,
                 scores=scores[i] if scores is not None else None,
+                statistics=statistics[i] if statistics is not None else None,
                 request_key=request_key,
                 position=i if request_key is not None else None,
                 input_sha256=hashes[i] if hashes is not None else None,

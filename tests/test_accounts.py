@@ -78,6 +78,25 @@ def test_two_keys_each_under_the_threshold_are_flagged_as_one_account() -> None:
     assert [(a.level, a.client, a.query_count) for a in solo] == [("key", "solo", 67)]
 
 
+def test_per_query_statistics_carry_the_account_s_beside_the_key_s() -> None:
+    """For the dashboard: per query, the key's CUSUM and the account's, each numbered in its
+    own stream; the account's crosses its threshold at the account alert's query."""
+    monitor = Monitor([cusum_detector()], MemoryStore(), Policy.monitor)
+    verdicts = spread(monitor, ["k1", "k2"], "ACME")
+    rows = [row for _, v in verdicts for row in v.statistics]
+    assert set(rows[0]) == {"query", "msp", "account:query", "account:msp"}
+    assert [row["account:query"] for row in rows] == list(range(1, 81))
+    k1 = [row for (key, v) in verdicts if key == "k1" for row in v.statistics]
+    assert [row["query"] for row in k1] == list(range(1, 41))
+    # 0.3 above the drift per query: the key's sum grows over its own queries, the
+    # account's over all of them
+    assert [row["msp"] for row in k1] == pytest.approx([0.3 * n for n in range(1, 41)])
+    assert [row["account:msp"] for row in rows] == pytest.approx([0.3 * n for n in range(1, 81)])
+    (alert,) = [a for _, v in verdicts for a in v.alerts]
+    crossed = next(row for row in rows if row["account:msp"] > 20.0)
+    assert alert.level == "account" and alert.query_count == crossed["account:query"] == 67
+
+
 def test_a_key_alone_in_its_account_is_observed_as_before() -> None:
     def run(account: str | None) -> tuple[list, list[str]]:
         monitor = Monitor([cusum_detector()], MemoryStore())
@@ -311,6 +330,57 @@ def test_a_sybil_stream_over_ten_keys_is_blocked_as_one_account(
     dashboard = client.get("/admin/dashboard/data", headers=ADMIN).json()
     rows = {c["client"]: c["flagged_by"] for c in dashboard["clients"]}
     assert rows["acme-3"] == ["account:msp"] and rows["user"] == []
+
+
+def rows_of(client, name: str) -> list[dict]:
+    """A key's logged queries, in the order the monitor numbered them."""
+    rows = client.get(f"/admin/queries?client={name}&limit=1000", headers=ADMIN).json()
+    return sorted(rows, key=lambda row: row["statistics"]["query"])
+
+
+def test_the_dashboard_shows_each_statistic_against_its_threshold_up_to_the_alert(
+    make_client, database_url, fixed_msp, crops
+) -> None:
+    """The dashboard's charts for a key flagged on its own and for a key whose account was
+    flagged: the statistic after each query, the threshold and the alert's query."""
+    client = make_client(
+        detectors="msp", defense_dir=fixed_msp, policy="block", database_url=database_url
+    )
+    thief = create_key(client, "thief")
+    keys = [create_key(client, f"acme-{i}", account="acme") for i in range(3)]
+    answered = sybil_stream(client, [thief], crops, per_request=20)
+    sybil_stream(client, keys, crops)
+    alerts = {a["level"]: a for a in client.get("/admin/alerts", headers=ADMIN).json()}
+    assert alerts["key"]["client"] == "thief" and alerts["account"]["account"] == "acme"
+
+    data = client.get("/admin/dashboard/data?client=thief", headers=ADMIN).json()
+    (chart,) = data["charts"]  # one detector, one level: a key alone
+    assert (chart["level"], chart["name"], chart["detector"]) == ("key", "thief", "msp")
+    assert (chart["threshold"], chart["direction"]) == (30.0, "above")
+    assert chart["alert"]["query_count"] == alerts["key"]["query_count"]
+    assert chart["queries"] == [1, answered]
+    points = dict(chart["points"])
+    assert sorted(points) == list(range(1, answered + 1))
+    at = chart["alert"]["query_count"]
+    assert points[at] > 30.0 >= max(points[q] for q in range(1, at))  # crossed at the alert
+    # The statistic is the CUSUM over the logged scores, query by query.
+    statistic, expected = 0.0, []
+    for row in rows_of(client, "thief"):
+        statistic = max(0.0, statistic + row["scores"]["msp"] - 0.55)
+        expected.append(statistic)
+    assert [points[q] for q in sorted(points)] == pytest.approx(expected, rel=1e-9)
+
+    data = client.get("/admin/dashboard/data?client=acme-1", headers=ADMIN).json()
+    key_chart, account_chart = data["charts"]
+    assert (key_chart["level"], key_chart["name"], key_chart["alert"]) == ("key", "acme-1", None)
+    assert max(p[1] for p in key_chart["points"]) < 30.0
+    assert (account_chart["level"], account_chart["name"]) == ("account", "acme")
+    at = alerts["account"]["query_count"]
+    assert account_chart["alert"]["query_count"] == at
+    points = dict(account_chart["points"])
+    assert sorted(points) == list(range(1, max(points) + 1))  # every key's queries, numbered
+    assert points[at] > 30.0 >= max(points[q] for q in range(1, at))
+    assert max(points) == sum(len(rows_of(client, f"acme-{i}")) for i in range(3))
 
 
 def test_deceive_covers_every_key_of_a_flagged_account(make_client, fixed_msp, crops) -> None:

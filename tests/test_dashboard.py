@@ -59,6 +59,14 @@ def wait_for(browser, predicate, timeout: float = 20.0):
     raise AssertionError(f"the page never showed it; it shows:\n{browser.page_source[:3000]}")
 
 
+def chart(browser, level: str, detector: str):
+    from selenium.webdriver.common.by import By
+
+    selector = f'svg.chart[data-level="{level}"][data-detector="{detector}"]'
+    found = browser.find_elements(By.CSS_SELECTOR, selector)
+    return found[0] if found else None
+
+
 def test_the_dashboard_shows_the_attack(tiny_victim, tmp_path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -72,20 +80,27 @@ def test_the_dashboard_shows_the_attack(tiny_victim, tmp_path) -> None:
         "MLAAS_DEFENSE_DIR": str(defense_dir),
     }
     shape = InputShape(1, 28, 28)
-    crops = load_dataset("natural-crops", shape).get_batch(np.arange(60))
-    pool = load_dataset("fashion-mnist:pool", shape).get_batch(np.arange(40))
+    crops = load_dataset("natural-crops", shape).get_batch(np.arange(160))
+    pool = load_dataset("fashion-mnist:pool", shape).get_batch(np.arange(100))
+    # Two keys of one account, each sending benign images then a few crops: the account's
+    # stream holds twice the crops of either key's.
+    mixed = np.concatenate([pool[40:70], crops[:10]])
+    senders = (("thief", None, crops), ("shopper", None, pool[:40]))
+    senders += (("acme-1", "acme", mixed), ("acme-2", "acme", mixed))
     with ServerProcess(tiny_victim, env=env, log_file=tmp_path / "server.log") as server:
         assert httpx.get(f"{server.url}/dashboard").status_code == 401  # admin only
         with AdminClient(server.url, ADMIN_TOKEN) as admin:
-            for name, images in (("thief", crops), ("shopper", pool)):
-                key = admin.create_key(name)
+            for name, account, images in senders:
+                key = admin.create_key(name, account=account)
                 for start in range(0, len(images), 20):
                     httpx.post(
                         f"{server.url}/v1/predict",
                         content=encode_npy(images[start : start + 20]),
                         headers={"Authorization": f"Bearer {key}", "Content-Type": NPY_MEDIA_TYPE},
                     ).raise_for_status()
-            assert admin.wait_for_log(100)
+            assert admin.wait_for_log(280)
+            alerts = admin.alerts()
+        fired = {(a["level"], a["client"], a["detector"]): a["query_count"] for a in alerts}
         browser = chrome()
         try:
             browser.get(f"{server.url}/dashboard?token={ADMIN_TOKEN}")
@@ -93,17 +108,40 @@ def test_the_dashboard_shows_the_attack(tiny_victim, tmp_path) -> None:
             clients = wait_for(browser, lambda b: "thief" in b.find_element(By.ID, "clients").text
                                and b.find_element(By.ID, "clients").text)  # fmt: skip
             thief_row = next(line for line in clients.splitlines() if line.startswith("thief"))
-            assert "60" in thief_row and "ood-binary" in thief_row
+            assert "160" in thief_row and "ood-binary" in thief_row
             shopper_row = next(line for line in clients.splitlines() if line.startswith("shopper"))
             assert "40" in shopper_row and "ood-binary" not in shopper_row
             alerts = browser.find_element(By.ID, "alerts").text
             assert "thief" in alerts and "ood-binary" in alerts and "shopper" not in alerts
+
+            # Why and when: each detector's statistic against its threshold, the alert marked.
             Select(browser.find_element(By.ID, "client")).select_by_value("thief")
             wait_for(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#images img")) == 16)
-            wait_for(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#scores polyline"))
-            assert "ood-binary" in browser.find_element(By.ID, "legend").text
-            assert "thief" in browser.find_element(By.ID, "queries").text
+            wait_for(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "svg.chart")) == 2)
+            ood = chart(browser, "key", "ood-binary")
+            for part in ("polyline.statistic", "line.threshold", "line.alert-marker"):
+                assert ood.find_elements(By.CSS_SELECTOR, part), part
+            at = fired[("key", "thief", "ood-binary")]
+            assert f"alert at query {at}" in ood.text and "alarms >" in ood.text
+            prada = chart(browser, "key", "prada")  # W at its tests, over 100 distances
+            for part in ("polyline.statistic", "circle", "line.threshold"):
+                assert prada.find_elements(By.CSS_SELECTOR, part), part
+            assert "alarms <" in prada.text
+            assert chart(browser, "account", "ood-binary") is None  # a key alone
+            browser.find_element(By.ID, "filter").send_keys("thief\n")
+            wait_for(browser, lambda b: "thief" in b.find_element(By.ID, "queries").text)
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+
+            # A key of a shared account: its own charts, and its account's.
+            Select(browser.find_element(By.ID, "client")).select_by_value("acme-2")
+            wait_for(browser, lambda b: chart(b, "account", "ood-binary"))
+            account = chart(browser, "account", "ood-binary")
+            at = fired[("account", "acme-1", "ood-binary")]  # acme-1 sent first
+            assert account.find_elements(By.CSS_SELECTOR, "line.alert-marker")
+            assert f"alert at query {at}" in account.text
+            assert chart(browser, "key", "ood-binary") is not None
+            assert "account acme" in browser.find_element(By.ID, "charts").text
+            browser.save_screenshot(str(ARTIFACTS / "dashboard-account.png"))
         finally:
             browser.quit()

@@ -186,6 +186,34 @@ def test_redis_state_outlives_the_server_process(redis_store) -> None:
     assert [v.scores for v in continued] == [r[0] for r in reference[3:]]
 
 
+def test_per_query_statistics_are_the_cusum_path_and_cross_at_the_alert() -> None:
+    """What the query log keeps for the dashboard: after each query, the CUSUM recursion
+    S = max(0, S + min(score, cap) - drift) over the MSP scores, numbered from 1 across
+    batches, first past the threshold exactly at the alert's query; PRADA's W only after
+    queries whose test had one (a test after every tenth), None elsewhere."""
+    cusum = Cusum(drift=0.1, threshold=2.0, cap=0.6)
+    monitor = Monitor([MaxSoftmax(cusum), Prada(delta=0.97)], MemoryStore())
+    verdicts = [monitor.observe("mallory", batch) for batch in stream()]
+    rows = [row for v in verdicts for row in v.statistics]
+    scores = [row["msp"] for v in verdicts for row in v.scores]
+    expected, total = [], 0.0
+    for score in scores:
+        total = max(0.0, total + min(score, 0.6) - 0.1)
+        expected.append(total)
+    assert [row["query"] for row in rows] == list(range(1, len(scores) + 1))
+    assert [row["msp"] for row in rows] == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    tested = [row["query"] for row in rows if row["prada"] is not None]
+    assert tested and all((query - 1) % 10 == 0 for query in tested)
+    assert rows[tested[-1] - 1]["prada"] == monitor.status("mallory").statistics["prada"]
+    assert set(rows[0]) == {"query", "msp", "prada"}  # no account: no account: entries
+    (alert,) = [a for v in verdicts for a in v.alerts if a.detector == "msp"]
+    crossed = next(i for i, value in enumerate(expected) if value > 2.0)
+    assert alert.query_count == rows[crossed]["query"] == crossed + 1
+    assert alert.threshold == monitor.detectors[0].threshold == 2.0
+    assert monitor.detectors[0].direction == "above" and monitor.detectors[1].direction == "below"
+    assert monitor.detectors[1].threshold == 0.97
+
+
 def test_clients_are_scored_apart() -> None:
     monitor = Monitor(detectors(), MemoryStore(), Policy.block)
     batches = stream()

@@ -237,6 +237,14 @@ def check_against_transcription(
         assert bool(state["present"]) == bool(attacker)
         if len(range(part.start, part.stop)) == 1 and last in tests:
             assert result.statistic == tests[last]  # W at every test, query by query
+        # The path: W after the queries whose test was evaluated, each test's W; before the
+        # alarm, every test that had one.
+        taken = part.start + np.flatnonzero(~np.isnan(result.path))
+        assert [result.path[i - part.start] for i in taken] == [tests[i] for i in taken]
+        if not alarms:  # up to the alarm, if this batch raised it
+            upto = part.stop if result.alarm_at is None else part.start + result.alarm_at + 1
+            expected = [i for i in range(part.start, upto) if i in tests]
+            assert [i for i in taken.tolist() if i < upto] == expected
         if result.alarm_at is not None:
             alarms.append(part.start + result.alarm_at)
     assert alarms == ([] if first_alarm is None else [first_alarm])

@@ -176,6 +176,38 @@ def test_the_spool_outlives_the_process(tmp_path) -> None:
     assert count_queries(engine) == 5 and again.spooled == 0  # moved once, not twice
 
 
+def test_statistics_pass_through_the_spool_and_an_older_spool_is_upgraded(tmp_path) -> None:
+    """The per-query decision statistics reach the database through the spool; a spool left
+    by a version before them gains their column, and its rows still move (without them)."""
+    import sqlite3
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
+    spool = tmp_path / "spool.db"
+    rows = pending("alice", 3)
+    for number, row in enumerate(rows, start=1):
+        row.statistics = {"query": number, "msp": 0.5 * number, "prada": None}
+    first = QueryLogWriter(engine, mode="buffered", flush_interval_s=0.01, spool=spool)
+    first.submit(rows).result(timeout=10)
+    first.close(timeout=0.2)  # the database is away: the rows stay in the spool
+    init_db(engine)
+    second = QueryLogWriter(engine, mode="buffered", flush_interval_s=0.01, spool=spool)
+    second.close()
+    logged = sorted(fetch_queries(engine, client="alice"), key=lambda r: r["statistics"]["query"])
+    assert [r["statistics"] for r in logged] == [row.statistics for row in rows]
+
+    old = tmp_path / "old-spool.db"
+    third = QueryLogWriter(make_engine(f"sqlite:///{tmp_path / 'away.db'}"), mode="buffered",
+                           flush_interval_s=0.01, spool=old)  # fmt: skip
+    third.submit(pending("bob", 2)).result(timeout=10)
+    third.close(timeout=0.2)
+    with sqlite3.connect(old) as connection:  # as the older version left it
+        connection.execute("ALTER TABLE queries DROP COLUMN statistics")
+    upgraded = QueryLogWriter(engine, mode="buffered", flush_interval_s=0.01, spool=old)
+    assert upgraded.spooled == 2
+    upgraded.close()
+    assert [r["statistics"] for r in fetch_queries(engine, client="bob")] == [None, None]
+
+
 def test_buffered_refuses_once_the_buffer_is_full(tmp_path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
     writer = QueryLogWriter(
@@ -224,3 +256,12 @@ def test_tables_from_an_older_version_are_refused_clearly(tmp_path) -> None:
         old.execute("CREATE TABLE queries (id TEXT PRIMARY KEY, client TEXT)")
     with pytest.raises(SchemaOutdated, match=r"lacks columns .*request_key"):
         init_db(make_engine(f"sqlite:///{path}"))
+    # A log from before the dashboard's decision statistics: refused too, by name.
+    before = tmp_path / "before-statistics.db"
+    engine = make_engine(f"sqlite:///{before}")
+    init_db(engine)
+    engine.dispose()
+    with sqlite3.connect(before) as old:
+        old.execute("ALTER TABLE queries DROP COLUMN statistics")
+    with pytest.raises(SchemaOutdated, match=r"'queries' lacks columns statistics: it was made"):
+        init_db(make_engine(f"sqlite:///{before}"))
