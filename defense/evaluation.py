@@ -98,9 +98,10 @@ def decision_paths(
 
 def _path(detector: Detector, batch: Observation) -> np.ndarray:
     if isinstance(detector, CusumDetector):
-        return detector.cusum.run(0.0, detector.score(batch))[0]
-    # Any other detector: fed as the server would, a test's worth of queries at a time, its
-    # statistic recorded after the query that closed each test.
+        return detector.observe(detector.initial_state(), batch).path
+    # PRADA (or any other): fed a test's worth of queries at a time, its statistic recorded
+    # after the query that closed each test. In one batch it would skip, after its first
+    # alarm, the tests a lower threshold would still need for the trade-off curves.
     step = PRADA_TEST_EVERY if isinstance(detector, Prada) else 1
     state = detector.initial_state()
     path = np.full(len(batch), np.nan)
@@ -118,15 +119,11 @@ def _path(detector: Detector, batch: Observation) -> np.ndarray:
 
 def alarms_below(detector: Detector) -> bool:
     """PRADA alarms when W falls below delta; the CUSUM detectors when the sum rises above."""
-    return isinstance(detector, Prada)
+    return detector.direction == "below"
 
 
 def deployed_threshold(detector: Detector) -> float:
-    if isinstance(detector, Prada):
-        return detector.delta
-    if isinstance(detector, CusumDetector):
-        return detector.cusum.threshold
-    raise TypeError(f"no threshold known for {type(detector).__name__}")
+    return detector.threshold
 
 
 def first_alarm(paths: np.ndarray, threshold: float, below: bool) -> np.ndarray:
@@ -149,15 +146,23 @@ def tradeoff(
     from where every benign stream alarms to where no attack stream does, plus the thresholds
     in ``include`` (the deployed one, say). A median of ``inf`` means that at most half of
     the attack streams were caught."""
-    extremes = np.concatenate([_extreme(paths_benign, below), _extreme(paths_attack, below)])
+    benign = _extreme(paths_benign, below)
+    benign = benign[np.isfinite(benign)]
+    extremes = np.concatenate([benign, _extreme(paths_attack, below)])
     extremes = extremes[np.isfinite(extremes)]
     if len(extremes) == 0:
         return []
-    # Each stream's extreme is where it stops alarming; a step beyond the lowest and the
-    # highest ones makes the sweep reach both ends (everyone alarms, no one does).
+    # Each benign stream's extreme is where it stops alarming, so each is a step of the
+    # false-alarm rate; quantiles of all extremes fill in the delays beyond; a step past the
+    # lowest and the highest makes the sweep reach both ends (everyone alarms, no one does).
     ends = [np.nextafter(extremes.min(), -np.inf), np.nextafter(extremes.max(), np.inf)]
     candidates = np.unique(
-        np.r_[np.quantile(extremes, np.linspace(0, 1, points)), ends, np.asarray(include, float)]
+        np.r_[
+            np.quantile(extremes, np.linspace(0, 1, points)),
+            np.nextafter(benign, -np.inf if below else np.inf),
+            ends,
+            np.asarray(include, float),
+        ]
     )
     if below:
         candidates = candidates[::-1]  # from everyone alarming to no one, as for the others
