@@ -58,8 +58,23 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _no_defense(record: dict[str, Any]) -> bool:
+    """The attacker got the victim's own answers: no perturbation, and no detector or one
+    that only watches (policy monitor), since watching changes no answer."""
     defense = record["cell"]["defense"]
-    return not defense["detectors"] and defense["perturbation"] == "none"
+    watching = not defense["detectors"] or defense.get("policy", "monitor") == "monitor"
+    return watching and defense["perturbation"] == "none"
+
+
+def _first_seed_undefended(ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (victim, attacker, granularity) with undefended answers: of the lowest
+    seed, a cell without detectors where there is one (the claims give the spread)."""
+    chosen: dict[tuple, dict[str, Any]] = {}
+    for r in sorted(ok, key=lambda r: (r["cell"]["seed"], bool(r["cell"]["defense"]["detectors"]))):
+        if not _no_defense(r):
+            continue
+        key = (r["cell"]["victim"]["name"], r["cell"]["attacker"]["name"], r["cell"]["granularity"])
+        chosen.setdefault(key, r)
+    return list(chosen.values())
 
 
 def write_report(out: Path) -> Path:
@@ -71,11 +86,11 @@ def write_report(out: Path) -> Path:
     lines += _claims(ok, groups)
     lines += ["## Every cell", ""]
     lines += _table(
-        ["victim", "defense", "granularity", "attacker", "queries", "accuracy",
+        ["victim", "defense", "granularity", "attacker", "seed", "queries", "accuracy",
          "of victim", "fidelity", "first alert"],
         [
             [r["cell"]["victim"]["name"], r["cell"]["defense"]["name"], r["cell"]["granularity"],
-             r["cell"]["attacker"]["name"], f"{_final(r)['queries']:,}",
+             r["cell"]["attacker"]["name"], str(r["cell"]["seed"]), f"{_final(r)['queries']:,}",
              _pct(_final(r)["accuracy"]), f"{_final(r)['accuracy'] / r['victim_accuracy']:.2f}",
              _pct(_final(r)["fidelity"]), _first_alert(r)]
             for r in ok
@@ -84,12 +99,17 @@ def write_report(out: Path) -> Path:
     if failed:
         lines += ["", "Failed cells:", ""]
         lines += [f"- `{r['id']}`: {r['error']}" for r in failed]
+    undefended = _first_seed_undefended(ok)
+    seeds = sorted({r["cell"]["seed"] for r in ok})
+    if len(seeds) > 1:
+        lines += ["", f"The sections below show seed {seeds[0]}; the claims above give the "
+                  f"spread over seeds {', '.join(map(str, seeds))}."]  # fmt: skip
     lines += ["", "## Accuracy and fidelity against queries", ""]
-    lines += _curves(ok, figures)
+    lines += _curves(undefended, figures)
     lines += ["", "## Probabilities vs top-k vs label", ""]
-    lines += _granularity(ok, figures)
+    lines += _granularity(undefended, figures)
     lines += ["", "## Victim and substitute architectures", ""]
-    lines += _architectures(ok)
+    lines += _architectures(undefended)
     lines += ["", "## Pretrained vs from scratch", ""]
     lines += _pretrained(ok)
     lines += ["", "## Detection", ""]
@@ -230,16 +250,17 @@ def _perturbations(ok: list[dict[str, Any]], groups: dict) -> list[str]:
     perturbed = [r for r in ok if r["cell"]["defense"]["perturbation"] != "none"]
     if not perturbed:
         return ["No cell ran with a perturbation."]
-    baseline = {
-        (r["cell"]["victim"]["name"], r["cell"]["attacker"]["name"], r["cell"]["granularity"]):
-        _final(r)["accuracy"] for r in ok if _no_defense(r)
-    }  # fmt: skip
+
+    def key(r: dict[str, Any]) -> tuple:
+        cell = r["cell"]
+        return (cell["victim"]["name"], cell["attacker"]["name"], cell["granularity"], cell["seed"])
+
+    baseline = {key(r): _final(r)["accuracy"] for r in ok if _no_defense(r)}
     rows = []
     for r in perturbed:
-        key = (r["cell"]["victim"]["name"], r["cell"]["attacker"]["name"], r["cell"]["granularity"])
         benign = groups.get(r["group"], {}).get("benign", {})
         rows.append([r["cell"]["defense"]["name"], r["cell"]["defense"]["perturbation"], _label(r),
-                     _pct(baseline.get(key)), _pct(_final(r)["accuracy"]),
+                     _pct(baseline.get(key(r))), _pct(_final(r)["accuracy"]),
                      _pct(benign.get("accuracy"))])  # fmt: skip
     return _table(["defense", "perturbation", "attacker", "attacker acc. undefended",
                    "attacker acc. perturbed", "benign accuracy via the API"], rows)  # fmt: skip
