@@ -3,8 +3,9 @@
 Data, all of it the provider's own:
 * in-distribution: a seeded sample of the victim's training split (what the classifier knows);
 * out-of-distribution (``ood-binary`` only): a registered data set, by default crops of one
-  half of the photographs (``natural-crops:photos-a``), the offline stand-in for the natural
-  images Knockoff nets queries with. The other half (``photos-b``) is kept for judging;
+  half of the photographs (``natural-crops:photos-b``), the offline stand-in for the natural
+  images Knockoff nets queries with. The other half (``photos-a``) is kept for judging, and
+  for the attackers of the demo and the experiments;
 * calibration: the victim's test split as benign users send it, under the benign-shift
   families named by ``calibrate_on`` (:mod:`mlaas.shifts`: by default mild variations, zoom,
   JPEG and sensor noise; rotation, contrast, blur and mixtures stay held out for judging).
@@ -47,8 +48,8 @@ from mlaas.modelstore import load_model
 from mlaas.shifts import CALIBRATION_SHIFTS, compose_shifts, parse_shifts, shift_mixture
 
 TRAINABLE = ("ood-binary", "msp", "mahalanobis", "prada")
-DEFAULT_OUTLIERS = "natural-crops:photos-a"
-HELD_OUT_OUTLIERS = "natural-crops:photos-b"
+DEFAULT_OUTLIERS = "natural-crops:photos-b"
+HELD_OUT_OUTLIERS = "natural-crops:photos-a"
 PRADA_STREAMS = 40
 PRADA_MARGIN = 0.01
 PRADA_PAPER_DELTA = 0.95
@@ -209,6 +210,8 @@ def train_detectors(
             }
             benign = OodBinary.log_odds(cal_features, **_args(arrays))
             meta["outliers"] = outliers
+            if held_out_outliers == outliers:  # trained on the usual held-out half
+                held_out_outliers = DEFAULT_OUTLIERS if outliers != DEFAULT_OUTLIERS else None
             if held_out_outliers:
                 held_out = load_dataset(held_out_outliers, shape, seed=seed + 1000)
                 _, held_features = forward(model, _sample(held_out, 2000, seed + 3))

@@ -669,9 +669,9 @@ def defense_train(
         str,
         typer.Option(
             help="Out-of-distribution images for ood-binary (default: crops of half of the "
-            "photographs; the other half, natural-crops:photos-b, stays held out)"
+            "photographs; the other half, natural-crops:photos-a, stays held out)"
         ),
-    ] = "natural-crops:photos-a",
+    ] = "natural-crops:photos-b",
     calibrate_on: Annotated[
         str,
         typer.Option(

@@ -449,9 +449,16 @@ NATURAL_PHOTOS: tuple[tuple[str, Callable[[], np.ndarray]], ...] = (
 
 
 NATURAL_CROPS_SPLITS = ("all", "photos-a", "photos-b")
-"""``photos-a`` and ``photos-b`` split the photographs in two (alternately, in the order
-above), so that a detector trained on crops of some photographs can be judged against an
-attacker who queries crops of the others."""
+"""``photos-a`` and ``photos-b`` split the photographs in two, so that a detector trained on
+crops of some photographs can be judged against an attacker who queries crops of the others.
+Each half holds both kinds the set has, scenes of things (people, animals, objects) and
+textures or microscopy, so that neither half is a different kind of data than the other."""
+
+PHOTOS_A = frozenset(
+    {"astronaut", "chelsea", "rocket", "clock", "flower", "brick", "coins", "gravel", "moon",
+     "text"}
+)  # fmt: skip
+"""``photos-a``; ``photos-b`` is the rest."""
 
 
 def _natural_photos(split: str = "all") -> tuple[tuple[str, Image.Image], ...]:
@@ -460,10 +467,10 @@ def _natural_photos(split: str = "all") -> tuple[tuple[str, Image.Image], ...]:
         return photos
     if split not in NATURAL_CROPS_SPLITS:
         raise ValueError(f"natural-crops has no split {split!r}")
-    # Alternate by position in NATURAL_PHOTOS (not among those that loaded), so that a
-    # photo that fails to load on one machine does not move others between the halves.
-    wanted = {name for i, (name, _) in enumerate(NATURAL_PHOTOS) if i % 2 == (split == "photos-b")}
-    return tuple((name, photo) for name, photo in photos if name in wanted)
+    # By name, so that a photo that fails to load on one machine moves no other between halves.
+    return tuple(
+        (name, photo) for name, photo in photos if (name in PHOTOS_A) == (split == "photos-a")
+    )
 
 
 @functools.lru_cache(maxsize=1)

@@ -37,7 +37,7 @@ from mlaas.serverproc import ServerProcess
 from mlaas.shifts import HELD_OUT_SHIFTS
 
 DETECTORS = DEFAULT_DETECTORS
-KNOCKOFF_TRANSFER = "natural-crops:photos-b"
+KNOCKOFF_TRANSFER = "natural-crops:photos-a"
 """Crops of the photographs the detectors never trained on: the demo's alerts are out of
 sample, as a real attacker's would be."""
 

@@ -149,7 +149,7 @@ def test_out_of_sample_protocol_on_a_real_victim(tiny_victim: Path, tmp_path: Pa
     model, card = load_model(tiny_victim)
     rng = np.random.default_rng(0)
     pool = load_dataset("fashion-mnist:pool", card.shape)
-    held_out = Family("attack", "natural-crops:photos-b", held_out=True)
+    held_out = Family("attack", "natural-crops:photos-a", held_out=True)
     benign = benign_streams(pool, "rotation", 4, 200, rng)
     attack = attack_streams(load_dataset(held_out.name, card.shape, seed=5), 4, 200, rng)
     victim = lambda images: forward(model, images)  # noqa: E731
@@ -193,8 +193,8 @@ def test_the_detection_bench_runs_end_to_end(tiny_victim: Path, tmp_path: Path) 
         "attack:synthetic:textures", "attack:synthetic:noise", "attack:fashion-mnist:pool",
     }  # fmt: skip
     assert not rows["benign:zoom"]["held_out"] and rows["benign:rotation"]["held_out"]
-    assert not rows["attack:natural-crops:photos-a"]["held_out"]
-    assert rows["attack:natural-crops:photos-b"]["held_out"]
+    assert not rows["attack:natural-crops:photos-b"]["held_out"]
+    assert rows["attack:natural-crops:photos-a"]["held_out"]
     assert summary["default_set"] == ["ood-binary", "mahalanobis"]
     assert set(rows["benign:blur"]["cells"]) == {"ood-binary", "mahalanobis", "prada", "set"}
     assert rows["benign:blur"]["cells"]["set"]["streams"] == 2
