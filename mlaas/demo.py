@@ -104,10 +104,12 @@ def ensure_detectors(victim_dir: Path, console: Console) -> None:
     with console.status(f"training and calibrating {', '.join(missing)} (about 20 s)"):
         reports = train_detectors(missing, victim_dir)
     for name, meta in reports.items():
-        detail = (
-            f"delta {meta['delta']:.3f}" if name == "prada"
-            else f"held-out AUC {meta['held_out_auc']:.4f}, CUSUM threshold {meta['threshold']:.3g}"
-        )  # fmt: skip
+        if "delta" in meta:
+            detail = f"delta {meta['delta']:.3f}"
+        else:
+            detail = f"CUSUM threshold {meta['threshold']:.3g}"
+            if "held_out_auc" in meta:
+                detail += f", AUC {meta['held_out_auc']:.4f} against unseen photographs"
         console.print(f"[green]{name} ready[/]: {detail}")
 
 
