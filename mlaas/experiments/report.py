@@ -230,11 +230,16 @@ def _detection(ok: list[dict[str, Any]], groups: dict) -> list[str]:
         d for d in DETECTOR_ORDER if any(d in r["cell"]["defense"]["detectors"] for r in guarded)
     ]
     rows = [
-        [r["cell"]["defense"]["name"], _label(r), f"{_final(r)['queries']:,}"]
+        [
+            r["cell"]["defense"]["name"],
+            _label(r),
+            str(r["cell"]["seed"]),
+            f"{_final(r)['queries']:,}",
+        ]
         + [str(r["alerts"][d]) if d in r["alerts"] else "not detected" for d in detectors]
         for r in guarded
     ]
-    lines = _table(["defense", "attacker", "queries", *detectors], rows)
+    lines = _table(["defense", "attacker", "seed", "queries", *detectors], rows)
     lines += ["", "Benign clients (public in-domain pool, the configuration's benign shifts):", ""]
     lines += _table(
         ["server group", "clients", "queries each", "false-alarm rate", "accuracy via the API"],
@@ -260,9 +265,9 @@ def _perturbations(ok: list[dict[str, Any]], groups: dict) -> list[str]:
     for r in perturbed:
         benign = groups.get(r["group"], {}).get("benign", {})
         rows.append([r["cell"]["defense"]["name"], r["cell"]["defense"]["perturbation"], _label(r),
-                     _pct(baseline.get(key(r))), _pct(_final(r)["accuracy"]),
-                     _pct(benign.get("accuracy"))])  # fmt: skip
-    return _table(["defense", "perturbation", "attacker", "attacker acc. undefended",
+                     str(r["cell"]["seed"]), _pct(baseline.get(key(r))),
+                     _pct(_final(r)["accuracy"]), _pct(benign.get("accuracy"))])  # fmt: skip
+    return _table(["defense", "perturbation", "attacker", "seed", "attacker acc. undefended",
                    "attacker acc. perturbed", "benign accuracy via the API"], rows)  # fmt: skip
 
 
