@@ -85,7 +85,7 @@ def test_a_tiny_matrix_runs_resumes_and_records_failures(tmp_path: Path) -> None
         r for r in records if r["status"] == "ok" and r["cell"]["defense"]["name"] == "detect"
     )
     assert guarded["alerts"]["ood-binary"] <= 10  # natural crops flagged within a few queries
-    assert f"| detect | k (probs) | 60 | {guarded['alerts']['ood-binary']} |" in report
+    assert f"| detect | k (probs) | 0 | 60 | {guarded['alerts']['ood-binary']} |" in report
     assert (out / "figures" / "curves-v.png").is_file()
     card = out / "victims" / "v-s0" / "card.json"
     trained_at = card.stat().st_mtime
