@@ -48,9 +48,7 @@ from defense.evaluation import (
     attack_streams,
     benign_streams,
     decision_paths,
-    deployed_threshold,
     first_alarm,
-    load_family,
     tradeoff,
 )
 from defense.training import forward, train_detectors
@@ -102,7 +100,7 @@ def measure(args: argparse.Namespace) -> dict:
         if family.kind == "benign":
             streams = benign_streams(pool, family.name, args.benign_streams, args.length, rng)
         else:
-            source = load_family(family, shape, seed=args.seed + 1000)
+            source = load_dataset(family.name, shape, seed=args.seed + 1000)  # unseen crops
             streams = attack_streams(source, args.attack_streams, args.length, rng)
         victim = lambda images: forward(model, images)  # noqa: E731
         paths = decision_paths(detectors, victim, streams)
@@ -128,7 +126,7 @@ def summarise_sybil(args, detectors, sybil) -> list[dict]:
     for family, account_paths, key_paths in sybil:
         cells = {}
         for detector in detectors:
-            threshold, below = deployed_threshold(detector), alarms_below(detector)
+            threshold, below = detector.threshold, alarms_below(detector)
             alone = first_alarm(key_paths[detector.name], threshold, below)
             together = first_alarm(account_paths[detector.name], threshold, below)
             per_key = np.where(together > 0, np.ceil(together / keys), np.inf)
@@ -169,9 +167,7 @@ def summarise(args, detectors, meta, results) -> dict:
         row = {"family": family.label, "held_out": family.held_out, "streams": 0, "cells": {}}
         alarms = {}
         for detector in detectors:
-            counts = first_alarm(
-                paths[detector.name], deployed_threshold(detector), alarms_below(detector)
-            )
+            counts = first_alarm(paths[detector.name], detector.threshold, alarms_below(detector))
             alarms[detector.name] = counts
             row["streams"] = len(counts)
             row["cells"][detector.name] = _cell(family, counts)
@@ -192,13 +188,13 @@ def summarise(args, detectors, meta, results) -> dict:
     for detector in detectors if held_benign else []:
         benign = np.concatenate([p[detector.name] for p in held_benign])
         curves[detector.name] = {
-            "deployed": deployed_threshold(detector),
+            "deployed": detector.threshold,
             "families": {
                 name: tradeoff(
                     benign,
                     paths[detector.name],
                     alarms_below(detector),
-                    include=[deployed_threshold(detector)],
+                    include=[detector.threshold],
                 )
                 for name, paths in held_attacks.items()
             },

@@ -51,8 +51,7 @@ class Observation:
 @dataclass
 class DetectorResult:
     scores: np.ndarray  # per query; NaN where the detector has none yet
-    statistic: float  # the decision statistic after the batch
-    threshold: float
+    statistic: float  # the decision statistic after the batch (the detector has the threshold)
     alarm_at: int | None  # index in the batch of the first query past the threshold
     path: np.ndarray  # per query, the decision statistic after it; NaN where none was taken
 
@@ -96,7 +95,7 @@ class CusumDetector(Detector):
         scores = self.score(batch).astype(np.float64)
         path, alarm = self.cusum.run(float(state["statistic"]), scores)
         state["statistic"] = np.array(path[-1] if len(path) else state["statistic"])
-        return DetectorResult(scores, float(state["statistic"]), self.threshold, alarm, path)
+        return DetectorResult(scores, float(state["statistic"]), alarm, path)
 
 
 class MaxSoftmax(CusumDetector):
@@ -291,7 +290,7 @@ class Prada(Detector):
         count = len(batch)
         if count == 0:
             empty = np.zeros(0)
-            return DetectorResult(empty, float(state["statistic"]), self.delta, None, empty)
+            return DetectorResult(empty, float(state["statistic"]), None, empty)
         x = images.reshape(count, -1)
         labels = batch.probs.argmax(axis=1)
         self._fit_classes(state, batch.probs.shape[1])
@@ -318,7 +317,7 @@ class Prada(Detector):
         state["distances"] = distances[-self.distance_window :]
         state["distance_classes"] = owners[-self.distance_window :]
         state["queries"] = np.array(int(state["queries"]) + count, dtype=np.int64)
-        return DetectorResult(scores, float(state["statistic"]), self.delta, alarm, path)
+        return DetectorResult(scores, float(state["statistic"]), alarm, path)
 
     @staticmethod
     def _fit_classes(state: State, classes: int) -> None:

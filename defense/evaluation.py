@@ -22,17 +22,13 @@ curves, at no extra cost.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from defense.detectors import CusumDetector, Detector, Observation, Prada
-from mlaas.datasets import ImageSet, load_dataset
-from mlaas.images import InputShape
+from mlaas.datasets import ImageSet
 from mlaas.shifts import apply_shift
-
-PRADA_TEST_EVERY = 10
-"""PRADA tests its distances after every tenth query; its path is fed ten at a time."""
 
 
 @dataclass(frozen=True)
@@ -46,14 +42,6 @@ class Family:
     @property
     def label(self) -> str:
         return f"{self.kind}:{self.name}"
-
-
-@dataclass
-class Streams:
-    """The decision paths of every detector on every stream of one family."""
-
-    family: Family
-    paths: dict[str, np.ndarray] = field(default_factory=dict)  # detector -> (streams, length)
 
 
 def benign_streams(
@@ -102,7 +90,7 @@ def _path(detector: Detector, batch: Observation) -> np.ndarray:
     # PRADA (or any other): fed a test's worth of queries at a time, its statistic recorded
     # after the query that closed each test. In one batch it would skip, after its first
     # alarm, the tests a lower threshold would still need for the trade-off curves.
-    step = PRADA_TEST_EVERY if isinstance(detector, Prada) else 1
+    step = detector.TEST_EVERY if isinstance(detector, Prada) else 1
     state = detector.initial_state()
     path = np.full(len(batch), np.nan)
     for start in range(0, len(batch), step):
@@ -120,10 +108,6 @@ def _path(detector: Detector, batch: Observation) -> np.ndarray:
 def alarms_below(detector: Detector) -> bool:
     """PRADA alarms when W falls below delta; the CUSUM detectors when the sum rises above."""
     return detector.direction == "below"
-
-
-def deployed_threshold(detector: Detector) -> float:
-    return detector.threshold
 
 
 def first_alarm(paths: np.ndarray, threshold: float, below: bool) -> np.ndarray:
@@ -183,8 +167,3 @@ def _extreme(paths: np.ndarray, below: bool) -> np.ndarray:
         rows = paths[valid]
         values[valid] = np.nanmin(rows, axis=1) if below else np.nanmax(rows, axis=1)
     return values
-
-
-def load_family(family: Family, shape: InputShape, seed: int) -> ImageSet:
-    """The images an attack family's clients draw from (a fresh seed: unseen crops)."""
-    return load_dataset(family.name, shape, seed=seed)

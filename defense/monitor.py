@@ -46,6 +46,12 @@ def account_record(account: str) -> str:
     return ACCOUNT_PREFIX + account
 
 
+def shared_account(client: str, account: str | None) -> str | None:
+    """``account`` when it is more than the key itself (detectors also decide on it), else
+    None: a key whose account is unset or its own name is alone."""
+    return account if account and account != client else None
+
+
 class Policy(StrEnum):
     monitor = "monitor"
     block = "block"
@@ -100,9 +106,11 @@ class Verdict:
     @property
     def flagged(self) -> bool:
         """Flagged at either level: the policy applies to the key."""
-        return self.status.flagged or (
-            self.account_status is not None and self.account_status.flagged
-        )
+        return _either_flagged(self.status, self.account_status)
+
+
+def _either_flagged(status: ClientStatus, account_status: ClientStatus | None) -> bool:
+    return status.flagged or (account_status is not None and account_status.flagged)
 
 
 @dataclass
@@ -115,9 +123,7 @@ class Standing:
 
     @property
     def flagged(self) -> bool:
-        return self.status.flagged or (
-            self.account_status is not None and self.account_status.flagged
-        )
+        return _either_flagged(self.status, self.account_status)
 
     @property
     def reason(self) -> str:
@@ -177,9 +183,10 @@ class Monitor:
     def standing(self, client: str, account: str | None = None) -> Standing:
         """The key's status and, when ``account`` is shared (not the key's own name), the
         account's: what the policy decides on. One field read per level."""
-        if not account or account == client:
+        shared = shared_account(client, account)
+        if shared is None:
             return Standing(self.status(client))
-        return Standing(self.status(client), account, self.account_status(account))
+        return Standing(self.status(client), shared, self.account_status(shared))
 
     def clients(self) -> list[str]:
         """Every record in the store: keys, and accounts as ``account:NAME``."""
@@ -188,7 +195,7 @@ class Monitor:
     def observe(self, client: str, batch: Observation, account: str | None = None) -> Verdict:
         """Score a batch of ``client``'s queries, in order, and update its record; when
         ``account`` is given and is not the client's own name, update the account's too."""
-        shared = account if account and account != client else None
+        shared = shared_account(client, account)
         count = len(batch)
         key = self._observe(client, client, batch, Level.key, account)
         scores = _rows(self.names, key.scores, count)
@@ -240,7 +247,7 @@ class Monitor:
                             detector=detector.name,
                             query_count=count,
                             score=float(result.statistic),
-                            threshold=float(result.threshold),
+                            threshold=float(detector.threshold),
                             action=self.policy.value,
                             level=level.value,
                             account=account,

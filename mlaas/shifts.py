@@ -98,20 +98,33 @@ def _noise(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 MIXTURE_PARTS = ("rotation", "zoom", "contrast", "jpeg", "blur", "noise")
 
 
-def _mixture(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Several shifts at once: each image gets two to four of the single families, in a
-    random order (always at least one geometric and one photometric change)."""
+def _chained(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    pick: Callable[[np.random.Generator], Sequence[str]],
+) -> np.ndarray:
+    """Each image under the families ``pick`` draws for it, one after the other, in order."""
     images = as_nhwc(np.asarray(images))
     out = np.empty_like(images)
     for i in range(len(images)):
-        parts = [str(rng.choice(["rotation", "zoom"])), str(rng.choice(["contrast", "jpeg"]))]
-        extra = [p for p in MIXTURE_PARTS if p not in parts]
-        parts += list(rng.choice(extra, size=int(rng.integers(0, 3)), replace=False))
         image = images[i : i + 1]
-        for part in rng.permutation(parts):
-            image = SHIFTS[str(part)](image, rng)
+        for name in pick(rng):
+            image = SHIFTS[str(name)](image, rng)
         out[i] = image[0]
     return out
+
+
+def _mixture_parts(rng: np.random.Generator) -> Sequence[str]:
+    parts = [str(rng.choice(["rotation", "zoom"])), str(rng.choice(["contrast", "jpeg"]))]
+    extra = [p for p in MIXTURE_PARTS if p not in parts]
+    parts += list(rng.choice(extra, size=int(rng.integers(0, 3)), replace=False))
+    return rng.permutation(parts)
+
+
+def _mixture(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Several shifts at once: each image gets two to four of the single families, in a
+    random order (always at least one geometric and one photometric change)."""
+    return _chained(images, rng, _mixture_parts)
 
 
 SHIFTS: dict[str, ShiftFn] = {
@@ -166,15 +179,12 @@ def compose_shifts(
     """Each image under one to ``most`` of ``names`` at once, drawn at random and applied in
     a random order: what a detector must learn to accept when users combine habits."""
     names = parse_shifts(names)
-    images = as_nhwc(np.asarray(images))
-    out = np.empty_like(images)
-    for i in range(len(images)):
+
+    def pick(rng: np.random.Generator) -> Sequence[str]:
         count = int(rng.integers(1, min(most, len(names)) + 1))
-        image = images[i : i + 1]
-        for name in rng.choice(names, size=count, replace=False):
-            image = apply_shift(str(name), image, rng)
-        out[i] = image[0]
-    return out
+        return rng.choice(names, size=count, replace=False)
+
+    return _chained(images, rng, pick)
 
 
 def shift_mixture(

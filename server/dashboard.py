@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from defense.monitor import ACCOUNT_PREFIX, QUERY, Level
+from defense.monitor import ACCOUNT_PREFIX, QUERY, Level, shared_account
 from server.errors import ApiError
 from server.keys import KeyInfo
 from server.querylog import count_queries, fetch_alerts, fetch_queries, fetch_statistics
@@ -78,10 +78,11 @@ def _charts(state: ServiceState, client: str, keys: list[KeyInfo]) -> list[dict[
     alerts = fetch_alerts(engine, client=client, level=Level.key.value, limit=None)
     levels = [(Level.key, client, [client], "", alerts)]
     key = next((k for k in keys if k.name == client), None)
-    if key is not None and key.account and key.account != key.name:
-        members = [k.name for k in keys if k.account == key.account]
-        alerts = fetch_alerts(engine, account=key.account, level=Level.account.value, limit=None)
-        levels.append((Level.account, key.account, members, ACCOUNT_PREFIX, alerts))
+    shared = shared_account(key.name, key.account) if key is not None else None
+    if shared is not None:
+        members = [k.name for k in keys if k.account == shared]
+        alerts = fetch_alerts(engine, account=shared, level=Level.account.value, limit=None)
+        levels.append((Level.account, shared, members, ACCOUNT_PREFIX, alerts))
     charts = []
     for level, name, members, prefix, alerts in levels:
         number = prefix + QUERY
@@ -130,11 +131,12 @@ def dashboard_data(request: Request, client: str = "", filter: str = "") -> dict
         flagged_by: list[str] = []
         if state.monitor is not None:
             flagged_by = list(state.monitor.status(key.name).flagged_by)
-            if key.account and key.account != key.name:
-                if key.account not in accounts:
-                    shared = state.monitor.account_status(key.account)
-                    accounts[key.account] = [f"account:{d}" for d in shared.flagged_by]
-                flagged_by += accounts[key.account]
+            shared = shared_account(key.name, key.account)
+            if shared is not None:
+                if shared not in accounts:
+                    account_status = state.monitor.account_status(shared)
+                    accounts[shared] = [ACCOUNT_PREFIX + d for d in account_status.flagged_by]
+                flagged_by += accounts[shared]
         clients.append(
             {
                 "client": key.name,

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from defense.monitor import shared_account
 from server.db import ApiKey, utcnow
 from server.ratelimit import LimitSpec
 from server.shaping import Granularity
@@ -59,7 +60,7 @@ class Client:
     @property
     def shared_account(self) -> str | None:
         """The account when it is more than this key (detectors also decide on it), else None."""
-        return self.account if self.account and self.account != self.name else None
+        return shared_account(self.name, self.account)
 
     def limits_over(self, default: LimitSpec) -> LimitSpec:
         own = self.limits
