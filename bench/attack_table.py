@@ -47,7 +47,7 @@ def main() -> None:
     if not (args.victim / "card.json").exists():
         train_victim(args.victim)
     args.out.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(16)
+    token = secrets.token_urlsafe(32)
     server = ServerProcess(
         args.victim,
         env={

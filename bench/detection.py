@@ -289,7 +289,7 @@ def query_all(url: str, key: str, images: np.ndarray, batch: int) -> float:
 
 def measure_throughput(args: argparse.Namespace) -> None:
     """Rounds alternate between a server without and one with the detectors."""
-    token = secrets.token_urlsafe(16)
+    token = secrets.token_urlsafe(32)
     card = load_card(args.victim)
     pool = load_dataset(f"{card.dataset.split(':')[0]}:pool", card.shape)
     images = pool.get_batch(np.arange(len(pool)))

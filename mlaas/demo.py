@@ -169,7 +169,7 @@ def run_demo(
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     database = workdir / "mlaas.db"
-    token = secrets.token_urlsafe(24)
+    token = secrets.token_urlsafe(32)
     server = ServerProcess(
         victim_dir,
         env={

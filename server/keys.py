@@ -44,6 +44,10 @@ class DuplicateClient(KeyStoreError):
     pass
 
 
+class NameConflict(KeyStoreError):
+    """A name that would blur which keys an account holds (see the module's doc)."""
+
+
 class UnknownClient(KeyStoreError):
     pass
 
@@ -115,7 +119,7 @@ def _check_namespace(session: Session, name: str, account: str) -> None:
     the same instant could still cross (keys are made by an operator, one at a time)."""
     # Joining account X when a key is named X: X is that key's own account.
     if account != name and session.scalar(select(ApiKey.name).where(ApiKey.name == account)):
-        raise KeyStoreError(
+        raise NameConflict(
             f"{account!r} is a client's name, hence that client's own account: "
             "name the shared account differently"
         )
@@ -124,7 +128,7 @@ def _check_namespace(session: Session, name: str, account: str) -> None:
         select(ApiKey.name).where(ApiKey.account == name, ApiKey.name != name).limit(1)
     )
     if taken is not None:
-        raise KeyStoreError(f"{name!r} is the name of a shared account (of {taken!r})")
+        raise NameConflict(f"{name!r} is the name of a shared account (of {taken!r})")
 
 
 def hash_key(key: str) -> str:

@@ -6,7 +6,8 @@ import os
 
 from fastapi.testclient import TestClient
 
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-long-enough-for-the-server"
+"""At least 32 characters, as the server demands of MLAAS_ADMIN_TOKEN."""
 REDIS_URL = os.environ.get("MLAAS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 """The shared Redis; tests take a prefix of their own from the ``redis_prefix`` fixture."""
 

@@ -406,7 +406,7 @@ def test_admin_api_creates_keys_in_an_account(make_client) -> None:
         client.post("/admin/keys", json={"name": "solo"}, headers=ADMIN).json()["account"] == "solo"
     )
     clash = client.post("/admin/keys", json={"name": "acme"}, headers=ADMIN)
-    assert clash.status_code == 422 and "shared account" in clash.json()["error"]["message"]
+    assert clash.status_code == 409 and "shared account" in clash.json()["error"]["message"]
     bad = client.post("/admin/keys", json={"name": "x", "account": "a b"}, headers=ADMIN)
     assert bad.status_code == 422
     assert client.get("/admin/keys").status_code == 401

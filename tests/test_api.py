@@ -166,6 +166,8 @@ def test_admin_disabled_without_a_token(make_client) -> None:
     response = client.get("/admin/queries", headers=bearer("anything"))
     assert response.status_code == 403
     assert "MLAAS_ADMIN_TOKEN" in response.json()["error"]["message"]
+    # Before any body is read: a malformed one is no 422 here.
+    assert client.post("/admin/keys", content=b"{", headers=bearer("x")).status_code == 403
 
 
 def test_bad_input_gets_clear_errors_and_the_service_goes_on(make_client, test_images) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,16 +17,26 @@ from server.settings import ServerSettings
 ROOT = Path(__file__).parent.parent
 
 
-def test_compose_file_passes_docker_compose_config(monkeypatch) -> None:
+def compose_config(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
+    """``docker-compose config`` with exactly these MLAAS_* variables: none from this process's
+    environment, and an empty env file in place of any .env lying in the checkout."""
     tool = shutil.which("docker-compose")
     if tool is None:
         if os.environ.get("CI"):
             pytest.fail("docker-compose is missing: .ci/run installs Debian's package")
         pytest.skip("docker-compose is not installed")
-    result = subprocess.run(
-        [tool, "-f", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLAAS_")} | variables
+    return subprocess.run(
+        [tool, "-f", str(ROOT / "docker-compose.yml"), "--env-file", str(env_file), "config"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
     )  # fmt: skip
+
+
+def test_compose_file_passes_docker_compose_config(monkeypatch, tmp_path: Path) -> None:
+    token = secrets.token_urlsafe(32)
+    result = compose_config(tmp_path, MLAAS_ADMIN_TOKEN=token)
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     services = resolved["services"]
@@ -35,12 +46,27 @@ def test_compose_file_passes_docker_compose_config(monkeypatch) -> None:
     assert api["environment"]["MLAAS_REDIS_URL"].startswith("redis://")
     assert api["depends_on"]["victim"]["condition"] == "service_completed_successfully"
     assert services["attacker"]["profiles"] == ["attacker"]
+    assert api["environment"]["MLAAS_ADMIN_TOKEN"] == token
+    # Redis keeps an append-only file on a volume: blocks and quotas survive its restart.
+    redis_command = services["redis"]["command"]
+    assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
+    assert any(volume.split(":")[1] == "/data" for volume in services["redis"]["volumes"])
     # What compose hands the API is a valid configuration, with the safe defaults.
     for name, value in api["environment"].items():
         monkeypatch.setenv(name, "" if value is None else str(value))
     settings = ServerSettings()
     assert settings.log_mode == "durable" and settings.redis_failure == "closed"
     assert settings.rate_limit is None and settings.cors_origin_list == []
+    assert settings.admin_token is not None and not settings.secure_cookies
+
+
+def test_compose_refuses_to_start_without_an_admin_token(tmp_path: Path) -> None:
+    """No default token: one published in this file would open every deployment of it."""
+    for variables in ({}, {"MLAAS_ADMIN_TOKEN": ""}):
+        result = compose_config(tmp_path, **variables)
+        assert result.returncode != 0, result.stdout
+        assert "set MLAAS_ADMIN_TOKEN" in result.stderr, result.stderr
+        assert "token_urlsafe(32)" in result.stderr  # and how to make one
 
 
 def test_the_image_runs_the_readmes_steps() -> None:

@@ -59,6 +59,17 @@ def wait_for(browser, predicate, timeout: float = 20.0):
     raise AssertionError(f"the page never showed it; it shows:\n{browser.page_source[:3000]}")
 
 
+def log_in(browser, url: str) -> None:
+    """The login form, as a person fills it in; then the dashboard's first data."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{url}/dashboard")
+    browser.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
+    browser.find_element(By.ID, "login").click()
+    wait_for(browser, lambda b: b.find_elements(By.ID, "clients"))
+    assert "token" not in browser.current_url
+
+
 def chart(browser, level: str, detector: str):
     from selenium.webdriver.common.by import By
 
@@ -88,7 +99,9 @@ def test_the_dashboard_shows_the_attack(tiny_victim, tmp_path) -> None:
     senders = (("thief", None, crops), ("shopper", None, pool[:40]))
     senders += (("acme-1", "acme", mixed), ("acme-2", "acme", mixed))
     with ServerProcess(tiny_victim, env=env, log_file=tmp_path / "server.log") as server:
-        assert httpx.get(f"{server.url}/dashboard").status_code == 401  # admin only
+        form = httpx.get(f"{server.url}/dashboard")  # admin only: a login form
+        assert 'name="token"' in form.text and "clients, detectors, alerts" not in form.text
+        assert httpx.get(f"{server.url}/admin/dashboard/data").status_code == 401
         with AdminClient(server.url, ADMIN_TOKEN) as admin:
             for name, account, images in senders:
                 key = admin.create_key(name, account=account)
@@ -103,8 +116,8 @@ def test_the_dashboard_shows_the_attack(tiny_victim, tmp_path) -> None:
         fired = {(a["level"], a["client"], a["detector"]): a["query_count"] for a in alerts}
         browser = chrome()
         try:
-            browser.get(f"{server.url}/dashboard?token={ADMIN_TOKEN}")
-            assert "token=" not in browser.current_url  # traded for a cookie
+            log_in(browser, server.url)
+            assert browser.get_cookie("mlaas_session")["value"] != ADMIN_TOKEN  # a session id
             clients = wait_for(browser, lambda b: "thief" in b.find_element(By.ID, "clients").text
                                and b.find_element(By.ID, "clients").text)  # fmt: skip
             thief_row = next(line for line in clients.splitlines() if line.startswith("thief"))
@@ -143,5 +156,17 @@ def test_the_dashboard_shows_the_attack(tiny_victim, tmp_path) -> None:
             assert chart(browser, "key", "ood-binary") is not None
             assert "account acme" in browser.find_element(By.ID, "charts").text
             browser.save_screenshot(str(ARTIFACTS / "dashboard-account.png"))
+
+            # A session ended elsewhere: the page's next refresh is refused, it shows the form.
+            session = {"Cookie": f"mlaas_session={browser.get_cookie('mlaas_session')['value']}"}
+            httpx.post(f"{server.url}/dashboard/logout", headers=session)
+            wait_for(browser, lambda b: b.find_elements(By.ID, "token"))
+            # The logout button ends the session and the cookie.
+            log_in(browser, server.url)
+            browser.find_element(By.ID, "logout").click()
+            wait_for(browser, lambda b: b.find_elements(By.ID, "token"))
+            assert browser.get_cookie("mlaas_session") is None
+            refused = httpx.get(f"{server.url}/admin/dashboard/data", headers=session)
+            assert refused.status_code == 401
         finally:
             browser.quit()

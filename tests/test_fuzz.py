@@ -1,12 +1,14 @@
 """Property-based fuzzing of the whole HTTP API with schemathesis, from the app's /openapi.json.
 
 Every operation in the app's own OpenAPI document is fuzzed with schema-valid (positive) and,
-where it takes any input, schema-violating (negative) requests: about 1,900 in all. No
+where it takes any input, schema-violating (negative) requests: about 2,000 in all. No
 response may be a 5xx, and each must have a documented status, content type and headers and
-match its documented body schema. Most requests carry a valid credential (an API key for the
-public routes, the admin token for /admin/* and /metrics) so that they get past
-authentication to the handlers; the rest carry none, a made-up one or the other role's, and a
-secured route must refuse those. A third of the positive /v1/predict requests carry real
+match its documented body schema; POST /admin/keys is held to every check schemathesis has,
+as `--checks all` runs them (schema-valid bodies accepted, invalid ones refused, auth
+enforced). Most requests carry a valid credential (an API key for the public routes, the
+admin token for /admin/* and /metrics) so that they get past authentication to the
+handlers; the rest carry none, a made-up one or the other role's, and a secured route must
+refuse those. A third of the positive /v1/predict requests carry real
 images of random sizes, channels and formats instead of random bytes, so that decoding, the
 model, output shaping and the query log are fuzzed too.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -45,7 +48,8 @@ from hypothesis import HealthCheck, Phase
 from hypothesis import strategies as st
 from PIL import Image
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import CHECKS as REGISTERED_CHECKS
+from schemathesis.checks import load_all_checks, not_a_server_error
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -69,6 +73,11 @@ CHECKS = [
     content_type_conformance,
     response_headers_conformance,
 ]
+load_all_checks()
+# Operations held to every check schemathesis has, as `--checks all` runs them (positive data
+# accepted, negative data refused, auth enforced, ...). POST /admin/keys: those checks found a
+# denormal rate_limit and control characters in granularity accepted.
+ALL_CHECKS_FOR = {"POST /admin/keys"}
 MIN_CASES = 1000
 # Cases per operation and generation mode; Hypothesis stops sooner where it runs out of
 # distinct inputs (an operation without parameters has few).
@@ -106,6 +115,8 @@ def fuzzed(tiny_victim: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             database_url=f"sqlite:///{tmp / 'fuzz.db'}",
             admin_token=ADMIN_TOKEN,
             var_dir=tmp / "var",
+            # A third of the cases carry a wrong credential on purpose: no lock-out here.
+            admin_failures_per_minute=1_000_000,
         )
     )
     try:
@@ -184,10 +195,14 @@ def _fuzz(operation: Any, mode: GenerationMode, max_examples: int, fuzzed: Fuzze
         if known_name and "name" in case.path_parameters:
             case.path_parameters = {**case.path_parameters, "name": "fuzzer"}
         token = {"valid": own, "crossed": other, "none": None}.get(auth, auth)
-        if token is not None:
-            case.headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}
+        # Sent as the CLI's -H sends it: schemathesis then knows the credential is meant (its
+        # ignored_auth check probes without it and with a wrong one, expecting refusals).
+        credential = {"Authorization": f"Bearer {token}"} if token is not None else None
         fuzzed.exercised[(case.method.upper(), case.path, mode.value)] += 1
-        response = case.call_and_validate(checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
+        checks = REGISTERED_CHECKS.get_all() if operation.label in ALL_CHECKS_FOR else CHECKS
+        response = case.call_and_validate(
+            headers=credential, checks=checks, timeout=REQUEST_TIMEOUT_S
+        )
         fuzzed.statuses[(operation.label, response.status_code)] += 1
         if secured and auth != "valid":
             # Refused: 401, or the malformed body or request FastAPI refuses before auth.
@@ -273,3 +288,33 @@ def test_client_name_with_a_trailing_newline_is_refused(fuzzed: Fuzzed) -> None:
             "/admin/keys", json={"name": "mallory\n"}, headers=bearer(ADMIN_TOKEN)
         )
     assert response.status_code == 422, response.text
+
+
+def test_key_limits_and_granularity_are_refused_as_the_schema_says(fuzzed: Fuzzed) -> None:
+    """Found by `--checks all`: a denormal rate_limit (its interval per image overflowed) and
+    control characters in granularity ("probs\\x0b" read as "probs") were accepted."""
+    schema = fuzzed.schema.raw_schema["paths"]["/admin/keys"]["post"]["requestBody"]
+    fields = schema["content"]["application/json"]["schema"]["properties"]
+    assert {"type": "number", "minimum": 1e-06} in fields["rate_limit"]["anyOf"]
+    granularity = next(s for s in fields["granularity"]["anyOf"] if s.get("type") == "string")
+    admin = bearer(ADMIN_TOKEN)
+    cases = [
+        ({"rate_limit": 5e-324}, 422),
+        ({"rate_limit": 1e-7}, 422),
+        ({"rate_limit": 1e-6}, 201),
+        ({"rate_limit": True}, 422),  # JSON's true is no number (pydantic's lax mode took 1.0)
+        ({"rate_burst": True}, 422),
+        ({"daily_quota": 2.0}, 201),  # an integer to JSON Schema
+        ({"granularity": "probs\x0b"}, 422),
+        ({"granularity": "label\n"}, 422),
+        ({"granularity": "topk:3,round:2"}, 201),
+    ]
+    with asgi.get_client(fuzzed.schema.app) as client:
+        for i, (fields_sent, status) in enumerate(cases):
+            body = {"name": f"strict-{i}", **fields_sent}
+            response = client.post("/admin/keys", json=body, headers=admin)
+            assert response.status_code == status, (body, response.text)
+            if "granularity" in fields_sent:
+                # fullmatch: "$" ends the text in JSON Schema's (ECMA) regexes, not a line
+                documented = re.fullmatch(granularity["pattern"], fields_sent["granularity"])
+                assert bool(documented) == (status == 201)  # the schema says the same

@@ -222,7 +222,7 @@ def run_experiment(
             for cell in pending:
                 _record_failure(out, cell, exc, counts, on_cell)
             continue
-        token = secrets.token_urlsafe(16)
+        token = secrets.token_urlsafe(32)
         database = out / "servers" / f"{group_id}.db"
         database.parent.mkdir(parents=True, exist_ok=True)
         database.unlink(missing_ok=True)
