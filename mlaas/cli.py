@@ -83,7 +83,11 @@ def _database(settings: Any):
 
     from server.db import SchemaOutdated, init_db, make_engine
 
-    engine = make_engine(settings.resolved_database_url)
+    # The server's timeouts, but no statement limit: an export of a whole log may take long.
+    engine = make_engine(
+        settings.resolved_database_url,
+        **{**settings.database_options, "statement_timeout_s": None},
+    )
     try:
         init_db(engine)
     except SchemaOutdated as exc:

@@ -6,6 +6,7 @@ SQLite under ``var/`` by default, PostgreSQL (or anything SQLAlchemy speaks) whe
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -125,26 +126,93 @@ class AlertRecord(Base):
     action: Mapped[str] = mapped_column(String(32))
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with the settings this workload needs on each backend."""
+class AdminSession(Base):
+    """A dashboard login: kept in the database so that every API process and replica knows
+    it. Only the SHA-256 of the session id is stored: a copy of the table opens nothing."""
+
+    __tablename__ = "admin_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+def _postgres_connect_args(
+    query: Any,
+    connect_timeout_s: float,
+    statement_timeout_s: float | None,
+    tcp_timeout_s: float | None,
+) -> dict[str, Any]:
+    """libpq settings that bound how long a silent database can hold a connection.
+
+    connect_timeout bounds making the connection; statement_timeout a statement the server
+    runs too long; TCP keepalives a connection that waits for an answer from a peer that is
+    gone (a first probe after half the timeout, dead after three unanswered ones a sixth of
+    it apart) and tcp_user_timeout data the peer never acknowledges (a partition that drops
+    packets): without them either hangs for the kernel's TCP timeouts, minutes to hours.
+    What the URL sets itself wins.
+    """
+    args: dict[str, Any] = {"connect_timeout": max(2, math.ceil(connect_timeout_s))}
+    if tcp_timeout_s:
+        args |= {
+            "keepalives": 1,
+            "keepalives_idle": max(1, round(tcp_timeout_s / 2)),
+            "keepalives_interval": max(1, round(tcp_timeout_s / 6)),
+            "keepalives_count": 3,
+            "tcp_user_timeout": max(1, round(tcp_timeout_s * 1000)),  # milliseconds
+        }
+    args = {name: value for name, value in args.items() if name not in query}
+    if statement_timeout_s:
+        # Merged into the URL's options (a test's search_path, say), which come after it
+        # and so win if they set statement_timeout too.
+        ours = f"-c statement_timeout={max(1, round(statement_timeout_s * 1000))}"
+        theirs = query.get("options")
+        theirs = " ".join(theirs) if isinstance(theirs, tuple) else theirs
+        args["options"] = f"{ours} {theirs}" if theirs else ours
+    return args
+
+
+def make_engine(
+    url: str,
+    *,
+    durable: bool = True,
+    connect_timeout_s: float = 5.0,
+    statement_timeout_s: float | None = None,
+    tcp_timeout_s: float | None = 10.0,
+) -> Engine:
+    """An engine with the settings this workload needs on each backend.
+
+    ``durable``: a SQLite commit reaches the disk before it returns (synchronous=FULL), so
+    that a power cut cannot undo a logged query that was answered; off, a commit survives the
+    process being killed but not the machine losing power (WAL with synchronous=NORMAL).
+    PostgreSQL: ``connect_timeout_s``, ``statement_timeout_s`` (None: no limit, for a command
+    that exports a whole log) and ``tcp_timeout_s`` (None: the OS's TCP timeouts) bound how
+    long a database that stopped answering can hold a connection.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        synchronous = "FULL" if durable else "NORMAL"
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             # WAL lets the CLI read logs and create keys while a server writes.
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.close()
 
         return engine
     # pre-ping: a database that restarted costs one failed check, not a failed request; the
-    # timeouts make an unreachable database a quick 503 rather than a hung request.
-    connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
+    # timeouts make an unreachable or silent database a quick 503 rather than a hung request.
+    connect_args = (
+        _postgres_connect_args(parsed.query, connect_timeout_s, statement_timeout_s, tcp_timeout_s)
+        if parsed.get_backend_name() == "postgresql"
+        and parsed.get_driver_name() in ("psycopg", "psycopg2")  # libpq's parameters
+        else {}
+    )
     return create_engine(
         url,
         pool_pre_ping=True,
