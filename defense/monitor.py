@@ -192,6 +192,18 @@ class Monitor:
         """Every record in the store: keys, and accounts as ``account:NAME``."""
         return self.store.clients()
 
+    def mark_flagged(self, record_name: str, detectors: list[str]) -> ClientStatus:
+        """Flag a record (a key's name, or :func:`account_record`) by ``detectors`` again, for
+        a store that lost what it knew (a Redis restarted without persistence) while the alerts
+        were kept elsewhere. Only the status comes back: the detectors' state starts afresh,
+        but the policy holds, and no detector named here alerts a second time."""
+        with self.store.lock(record_name):
+            status = _status_from(record_name, self.store.field(record_name, SUMMARY))
+            status.flagged = True
+            status.flagged_by += [d for d in detectors if d not in status.flagged_by]
+            self.store.save(record_name, {SUMMARY: json.dumps(status.to_dict()).encode()})
+        return status
+
     def observe(self, client: str, batch: Observation, account: str | None = None) -> Verdict:
         """Score a batch of ``client``'s queries, in order, and update its record; when
         ``account`` is given and is not the client's own name, update the account's too."""

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import LockError, RedisError
 from redis.retry import Retry
 
 State = dict[str, np.ndarray]
@@ -91,6 +92,19 @@ class MemoryStore(StateStore):
         return sorted(self._records)
 
 
+def is_outage(exc: RedisError) -> bool:
+    """Whether ``exc`` means Redis cannot be reached (the only case a deployment may choose to
+    answer without it): a connection error or a timeout.
+
+    Anything else Redis or redis-py raises (a lock not had in time, a value or a script Redis
+    refuses, a full Redis, a malformed reply) is not an outage: a client can provoke some of
+    those, and none of them may switch its detection off.
+    """
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError) and not isinstance(
+        exc, LockError
+    )
+
+
 def connect_redis(url: str, timeout_s: float = 2.0) -> redis.Redis:
     """A client that fails fast when Redis is away and reconnects by itself when it returns.
 
@@ -108,24 +122,40 @@ def connect_redis(url: str, timeout_s: float = 2.0) -> redis.Redis:
 
 
 class RedisStore(StateStore):
-    """One hash per client (a field per detector, plus the client's summary)."""
+    """One hash per client (a field per detector, plus the client's summary).
+
+    ``lock_wait_s`` bounds how long a request waits for a record another process holds (then
+    :class:`redis.exceptions.LockError`, which callers refuse: a request must not hang, nor be
+    answered unobserved); ``lock_lease_s`` is how long a lock outlives a process that died
+    holding it. The lease must outlast the longest update (a request's batch through every
+    detector, well under a second here), else the update fails when it lets go.
+    """
 
     def __init__(
-        self, client: redis.Redis | str, prefix: str = "mlaas", lock_timeout_s: float = 30.0
+        self,
+        client: redis.Redis | str,
+        prefix: str = "mlaas",
+        lock_wait_s: float = 3.0,
+        lock_lease_s: float = 10.0,
     ) -> None:
         self._redis = connect_redis(client) if isinstance(client, str) else client
         self._prefix = prefix
-        self._lock_timeout_s = lock_timeout_s
+        self._lock_wait_s = lock_wait_s
+        self._lock_lease_s = lock_lease_s
 
     def _key(self, client: str) -> str:
         return f"{self._prefix}:client:{client}"
 
+    def lock_name(self, client: str) -> str:
+        """The Redis key of ``client``'s lock (for tests and operators)."""
+        return f"{self._prefix}:lock:{client}"
+
     @contextmanager
     def lock(self, client: str) -> Iterator[None]:
         with self._redis.lock(
-            f"{self._prefix}:lock:{client}",
-            timeout=self._lock_timeout_s,
-            blocking_timeout=self._lock_timeout_s,
+            self.lock_name(client),
+            timeout=self._lock_lease_s,
+            blocking_timeout=self._lock_wait_s,
         ):
             yield
 
