@@ -192,18 +192,24 @@ class _Server(ABC):
 
 
 class PrivateRedis(_Server):
-    """A ``redis-server`` of our own on a free loopback port, without persistence.
+    """A ``redis-server`` of our own on a free loopback port, without persistence by default.
 
     ``stop()`` SIGKILLs it by default: a sudden loss is the fault worth testing, and with no
-    persistence SIGTERM would lose the same data anyway.
+    persistence SIGTERM would lose the same data anyway. With ``appendonly=True`` it keeps an
+    append-only file, so a restart (even after SIGKILL: Redis writes each command to the file
+    before it replies, and the kernel keeps what a killed process wrote) comes back with its
+    data, as a deployed Redis would.
     """
 
-    def __init__(self, *, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self, *, port: int | None = None, binary: str | None = None, appendonly: bool = False
+    ) -> None:
         found = binary or shutil.which("redis-server")
         if found is None:
             raise ServiceUnavailable("redis-server is not on PATH")
         self.binary = found
         self.port = port or free_port()
+        self.appendonly = appendonly
         self.base = _scratch_dir("redis")
         self.log = self.base / "redis.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -228,7 +234,7 @@ class PrivateRedis(_Server):
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.appendonly else "no",
             "--dir", str(self.base),
             "--daemonize", "no",
             "--logfile", "",
