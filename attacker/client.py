@@ -33,7 +33,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mlaas.apiclient import ApiCallError, raise_for_error
-from mlaas.wire import NPY_MEDIA_TYPE, ModelInfo, Prediction, PredictResponse, encode_npy
+from mlaas.wire import (
+    IMAGE_COUNT_HEADER,
+    NPY_MEDIA_TYPE,
+    ModelInfo,
+    Prediction,
+    PredictResponse,
+    encode_npy,
+)
 
 
 class BudgetExhausted(RuntimeError):
@@ -342,7 +349,11 @@ class ExtractionClient:
             "/v1/predict",
             api_key,
             content=encode_npy(batch),
-            headers={"Content-Type": NPY_MEDIA_TYPE, "Idempotency-Key": key},
+            headers={
+                "Content-Type": NPY_MEDIA_TYPE,
+                "Idempotency-Key": key,
+                IMAGE_COUNT_HEADER: str(len(batch)),
+            },
             images=len(batch),
         )
         return PredictResponse.model_validate_json(response.content)

@@ -13,7 +13,7 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from mlaas.wire import NPY_MEDIA_TYPE, ModelInfo, PredictResponse, encode_npy
+from mlaas.wire import IMAGE_COUNT_HEADER, NPY_MEDIA_TYPE, ModelInfo, PredictResponse, encode_npy
 
 
 class ApiCallError(RuntimeError):
@@ -74,7 +74,7 @@ class PredictionClient(_Base):
         response = self._http.post(
             "/v1/predict",
             content=encode_npy(images),
-            headers={"Content-Type": NPY_MEDIA_TYPE},
+            headers={"Content-Type": NPY_MEDIA_TYPE, IMAGE_COUNT_HEADER: str(len(images))},
         )
         raise_for_error(response)
         return PredictResponse.model_validate_json(response.content)

@@ -14,6 +14,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 NPY_MEDIA_TYPE = "application/x-npy"
+IMAGE_COUNT_HEADER = "X-Image-Count"
+"""A prediction request's image count, declared so that limits are checked before its body."""
 """A batch as one NumPy ``.npy`` file: uint8, shaped (N, H, W) or (N, H, W, C)."""
 
 

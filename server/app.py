@@ -31,11 +31,11 @@ from server.inputs import BodySizeLimit, BodyTooLarge, Limits
 from server.keys import KeyStore
 from server.metrics import MetricsMiddleware, ServiceMetrics
 from server.querylog import LogMode, LogUnavailable, QueryLogWriter
-from server.ratelimit import LimitSpec, MemoryRateLimiter, RedisRateLimiter
+from server.ratelimit import InFlight, LimitSpec, MemoryRateLimiter, RedisRateLimiter
 from server.routes import admin_router, public_router
 from server.settings import ServerSettings, parse_deception
 from server.shaping import Granularity
-from server.state import CountRejections, ServiceState
+from server.state import CountRejections, MonitorThreads, ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ def build_monitor(settings: ServerSettings, redis_client: Redis | None) -> Monit
         for name in settings.detector_names
     ]
     store = (
-        RedisStore(redis_client, prefix=settings.redis_prefix)
+        RedisStore(
+            redis_client, prefix=settings.redis_prefix, lock_wait_s=settings.redis_lock_wait_s
+        )
         if redis_client is not None
         else MemoryStore()
     )
@@ -80,13 +82,14 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         # The detectors' NumPy products are small: a multi-threaded BLAS only spins against
         # the model's own threads (measured: detectors cost as much as the forward pass).
         threadpool_limits(1, user_api="blas")
-        engine = make_engine(settings.resolved_database_url)
+        engine = make_engine(settings.resolved_database_url, **settings.database_options)
         await asyncio.to_thread(init_db, engine)
         victim = await asyncio.to_thread(Victim, settings.victim_dir, settings.device)
         batcher = MicroBatcher(
             victim,
             max_batch=settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            max_queued=settings.batch_queue_images,
             on_batch=metrics.batch_size.observe,
         )
         writer = QueryLogWriter(
@@ -132,6 +135,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             perturbation=Perturbation.parse(settings.perturbation),
             deception=parse_deception(settings.deceive),
             metrics=metrics,
+            in_flight=InFlight(settings.max_in_flight_per_key),
+            monitor_threads=MonitorThreads(settings.monitor_threads, settings.redis_lock_wait_s),
         )
         log.info(
             "serving %s (%s) on %s, granularity %s, detectors %s (policy %s, state %s)",
@@ -158,6 +163,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             log.info("query log flushed: %d rows written", writer.written)
             if writer.lost:
                 log.error("query log: %d answered rows could not be written", writer.lost)
+            # After the batcher: no request is left to observe (uvicorn drained them).
+            await asyncio.to_thread(app.state.service.monitor_threads.close)
             if redis_client is not None:
                 redis_client.close()
             engine.dispose()

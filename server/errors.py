@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             503, "state_store_unavailable", "the detector state store is unavailable", _RETRY
         )
+
+    # A client that hung up before its body was read: nothing was answered or logged and no
+    # one is left to read a response. Not a server error (nor a traceback any client could
+    # flood the log with by hanging up).
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        log.info("client hung up before sending its body: %s %s", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

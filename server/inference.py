@@ -5,14 +5,15 @@ answer needs the first two and the detectors the last: the model never runs twic
 
 Concurrent requests share forward passes: the batcher waits at most ``max_wait_s`` after the
 first pending request for others to join, up to ``max_batch`` images, and while a pass runs,
-newly arriving requests queue up for the next one. Passes run on one dedicated thread, so the
-event loop keeps accepting and decoding requests meanwhile.
+newly arriving requests queue up for the next one, in turn across clients. Passes run on
+one dedicated thread, so the event loop keeps accepting and decoding requests meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,20 +77,41 @@ class _Job:
     future: asyncio.Future[ForwardOutput]
 
 
+class QueueFull(Exception):
+    """The model's queue holds as many images as it may (or as the client's share allows)."""
+
+
 class MicroBatcher:
+    """Forward passes shared by concurrent requests, served fairly across clients.
+
+    Waiting requests queue per client, and batches take them in turn, one request per client
+    per turn: a client with many large requests waiting delays another client's request by at
+    most one of its own per batch, not by all of them. The queue is bounded in images
+    (``max_queued``), and no client holds more than half of it, so a burst is refused at once
+    (:class:`QueueFull`, a 503 with Retry-After) instead of waiting in memory for minutes.
+    """
+
     def __init__(
         self,
         victim: Victim,
         *,
         max_batch: int = 256,
         max_wait_s: float = 0.002,
+        max_queued: int | None = None,
         on_batch: Callable[[int], None] | None = None,
     ):
         self._victim = victim
         self._on_batch = on_batch
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.max_queued = max_queued if max_queued is not None else 16 * max_batch
+        self._share = max(1, self.max_queued // 2)
+        self._waiting: OrderedDict[str, deque[_Job]] = OrderedDict()
+        """Per client, in the order of their turns: the first is served next."""
+        self._queued: Counter[str] = Counter()
+        """Images waiting, per client."""
+        self.queued_images = 0
+        self._wakeup: asyncio.Event | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -101,6 +123,7 @@ class MicroBatcher:
 
     def start(self) -> None:
         if self._task is None:
+            self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
 
     async def stop(self) -> None:
@@ -109,45 +132,88 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
+        while self._waiting:
+            job = self._pop()
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the model is shutting down"))
         self._executor.shutdown(wait=True)
 
-    async def submit(self, images: np.ndarray) -> ForwardOutput:
-        if not self.running:
+    async def submit(self, images: np.ndarray, client: str = "") -> ForwardOutput:
+        """The model's output for ``images``, in ``client``'s turn; :class:`QueueFull` when
+        the queue, or the client's share of it, has no room for them."""
+        if not self.running or self._wakeup is None:
             raise RuntimeError("the micro-batcher is not running")
+        count = len(images)
+        if self.queued_images + count > self.max_queued:
+            raise QueueFull(f"the model's queue is full ({self.queued_images} images wait)")
+        if self._queued[client] + count > self._share:
+            raise QueueFull(
+                f"this client has {self._queued[client]} images waiting for the model, "
+                f"its share of the queue"
+            )
         future: asyncio.Future[ForwardOutput] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(images, future))
+        self._waiting.setdefault(client, deque()).append(_Job(images, future))
+        self._queued[client] += count
+        self.queued_images += count
+        self._wakeup.set()
         return await future
 
-    async def _collect(self, first: _Job) -> tuple[list[_Job], _Job | None]:
-        """Gather jobs after ``first`` until the batch is full or the wait is over."""
-        jobs, size = [first], len(first.images)
+    def _peek(self) -> _Job | None:
+        for jobs in self._waiting.values():
+            return jobs[0]
+        return None
+
+    def _pop(self) -> _Job:
+        """The next job in turn; its client goes to the back of the line."""
+        client, jobs = next(iter(self._waiting.items()))
+        job = jobs.popleft()
+        del self._waiting[client]
+        if jobs:
+            self._waiting[client] = jobs
+        count = len(job.images)
+        self.queued_images -= count
+        self._queued[client] -= count
+        if self._queued[client] <= 0:
+            del self._queued[client]
+        return job
+
+    async def _wait_for_work(self, timeout: float | None) -> bool:
+        """Wait until a job is queued or ``timeout`` passes; whether one is."""
+        assert self._wakeup is not None
+        while not self._waiting:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    async def _collect(self) -> list[_Job]:
+        """The next batch: jobs in turn until it is full or the wait for company is over.
+        A job that would overflow the batch waits for the next one (requests are never split).
+        """
         loop = asyncio.get_running_loop()
+        first = self._pop()
+        jobs, size = [first], len(first.images)
         deadline = loop.time() + self._max_wait_s
         while size < self._max_batch:
-            remaining = deadline - loop.time()
-            try:
-                if remaining > 0:
-                    job = await asyncio.wait_for(self._queue.get(), remaining)
-                else:
-                    job = self._queue.get_nowait()
-            except (TimeoutError, asyncio.QueueEmpty):
-                break
+            job = self._peek()
+            if job is None:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await self._wait_for_work(remaining):
+                    break
+                continue
             if size + len(job.images) > self._max_batch:
-                return jobs, job  # starts the next batch; requests are never split
-            jobs.append(job)
+                break
+            jobs.append(self._pop())
             size += len(job.images)
-        return jobs, None
+        return jobs
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        carry: _Job | None = None
         while True:
-            first = carry if carry is not None else await self._queue.get()
-            jobs, carry = await self._collect(first)
+            await self._wait_for_work(None)
+            jobs = await self._collect()
             # A client that gave up (disconnected) needs no answer.
             jobs = [j for j in jobs if not j.future.done()]
             if not jobs:

@@ -37,6 +37,11 @@ _DAY_US = 86_400 * _US
 _PRUNE_EVERY_US = 60 * _US
 
 
+MIN_RATE_LIMIT = 1e-6
+"""Images per second, at least: about one image in 12 days. Slower rates have no use, and
+rates near zero (5e-324 is a valid float) make a per-image interval that overflows."""
+
+
 @dataclass(frozen=True)
 class LimitSpec:
     rate: float | None = None
@@ -47,8 +52,8 @@ class LimitSpec:
     """Images per UTC calendar day; None: no quota."""
 
     def __post_init__(self) -> None:
-        if self.rate is not None and not (0 < self.rate < math.inf):
-            raise ValueError(f"rate must be positive and finite, not {self.rate}")
+        if self.rate is not None and not (MIN_RATE_LIMIT <= self.rate < math.inf):
+            raise ValueError(f"rate must be finite and at least {MIN_RATE_LIMIT}, not {self.rate}")
         if self.burst is not None and self.burst < 1:
             raise ValueError(f"burst must be at least 1, not {self.burst}")
         if self.daily_quota is not None and self.daily_quota < 0:
@@ -295,3 +300,37 @@ class RedisRateLimiter(RateLimiter):
     def close(self) -> None:
         if self._owned:
             self._redis.close()
+
+
+class InFlight:
+    """How many requests each key has in flight in this process, capped.
+
+    Checked before a request's body is read, so a key cannot have more than ``limit`` bodies
+    being read, decoded or answered here at once, however many connections it opens. Each
+    process (and replica) counts its own: a deployment of P processes allows P x ``limit``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the in-flight limit must be at least 1, not {limit}")
+        self.limit = limit
+        self._counts: dict[str, int] = {}
+
+    def enter(self, client: str) -> bool:
+        """Take a slot for ``client``; False when it has ``limit`` already. Event loop only."""
+        count = self._counts.get(client, 0)
+        if count >= self.limit:
+            return False
+        self._counts[client] = count + 1
+        return True
+
+    def leave(self, client: str) -> None:
+        count = self._counts.get(client, 0) - 1
+        if count > 0:
+            self._counts[client] = count
+        else:
+            self._counts.pop(client, None)
+
+    def __len__(self) -> int:
+        """Keys with a request in flight."""
+        return len(self._counts)

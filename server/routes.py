@@ -2,33 +2,53 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import hashlib
-import hmac
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
+from concurrent.futures import Future
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defense.detectors import Observation
-from defense.monitor import Level, Policy
-from mlaas.wire import NPY_MEDIA_TYPE, ErrorBody, ModelInfo, Prediction, PredictResponse
+from defense.monitor import (
+    ClientStatus,
+    Level,
+    Policy,
+    Standing,
+    Verdict,
+    account_record,
+    shared_account,
+)
+from defense.state import is_outage
+from mlaas.wire import (
+    IMAGE_COUNT_HEADER,
+    NPY_MEDIA_TYPE,
+    ErrorBody,
+    ModelInfo,
+    Prediction,
+    PredictResponse,
+)
+from server.adminauth import authenticate_admin
 from server.errors import ApiError
+from server.idempotency import check_key, reused_key_error
+from server.inference import QueueFull
 from server.inputs import (
     SUPPORTED_MEDIA_TYPES,
     DecodedBatch,
@@ -38,7 +58,13 @@ from server.inputs import (
     form_files,
     media_type,
 )
-from server.keys import CLIENT_NAME_PATTERN, Client, DuplicateClient, KeyStoreError
+from server.keys import (
+    CLIENT_NAME_PATTERN,
+    Client,
+    DuplicateClient,
+    KeyStoreError,
+    NameConflict,
+)
 from server.querylog import (
     DuplicateRequest,
     LogMode,
@@ -49,14 +75,18 @@ from server.querylog import (
     fetch_queries,
     fetch_request,
     image_sha256,
+    logged_flags,
+    request_logged,
+    wait_for_commit,
 )
-from server.ratelimit import Decision, LimitSpec
+from server.ratelimit import MIN_RATE_LIMIT, Decision, LimitSpec
 from server.settings import RedisFailure
 from server.shaping import Granularity
 from server.state import ServiceState, get_state
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `mlaas keys create`")
 _admin_bearer = HTTPBearer(
@@ -85,8 +115,10 @@ _ERRORS = _error_responses(
         "key's rate limit or quota could ever allow",
         415: "Unsupported content type",
         422: "An image that cannot be decoded, a malformed body, or a reused Idempotency-Key",
-        429: "The key's rate limit or daily quota is used up",
-        503: "The query log, the database or the detector state store is unavailable",
+        429: "The key's rate limit or daily quota is used up, or it has too many requests "
+        "in flight",
+        503: "The query log, the database or the detector state store is unavailable, or "
+        "the model's queue is full",
     }
 )
 _ERRORS[429]["headers"] = {"Retry-After": {**_RETRY_AFTER, "required": True}}
@@ -95,27 +127,32 @@ _ERRORS[503]["headers"] = {"Retry-After": _RETRY_AFTER}
 _ADMIN_ERRORS = _error_responses(
     {
         400: "A body that cannot be parsed",
-        401: "Missing or wrong admin token",
+        401: "Missing or wrong admin token, or no live dashboard session",
         403: "Admin routes are disabled: MLAAS_ADMIN_TOKEN is not set",
         404: "No such client",
-        409: "A client of that name exists",
+        409: "A client of that name exists, or the name or the account clashes with an "
+        "existing account",
+        415: "A body that is not JSON",
         422: "A malformed query parameter or body",
+        429: "Too many failed admin attempts from this address: refused before any token is "
+        "compared",
         503: "The database is unavailable",
     }
 )
+_ADMIN_ERRORS[429]["headers"] = {"Retry-After": {**_RETRY_AFTER, "required": True}}
 
 
 def admin_errors(*statuses: int, json: bool = False) -> dict[int | str, dict[str, Any]]:
-    """The documented refusals of an admin route: 401 and 403, and the given statuses.
+    """The documented refusals of an admin route: 401, 403 and 429, and the given statuses.
 
     ``json`` spells the JSON media type out, for a route whose response class is not JSON.
     """
-    responses = {status: _ADMIN_ERRORS[status] for status in sorted({401, 403, *statuses})}
+    responses = {status: _ADMIN_ERRORS[status] for status in sorted({401, 403, 429, *statuses})}
     if not json:
         return responses
     body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
     return {
-        status: {"description": response["description"], "content": body}
+        status: {k: v for k, v in response.items() if k != "model"} | {"content": body}
         for status, response in responses.items()
     }
 
@@ -180,23 +217,12 @@ async def require_client(request: Request, credentials: Credentials) -> Client:
     return client
 
 
-ADMIN_COOKIE = "mlaas_admin"
-
-
 def require_admin(request: Request, credentials: AdminCredentials) -> None:
-    """The admin token, as a bearer token or as the dashboard's cookie."""
-    token = get_state(request).settings.admin_token
-    if token is None:
-        raise ApiError(
-            403, "admin_disabled", "admin routes are disabled: set MLAAS_ADMIN_TOKEN to enable"
-        )
-    given = (
-        credentials.credentials
-        if credentials is not None
-        else request.cookies.get(ADMIN_COOKIE, "")
-    )
-    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise _unauthorized("missing or wrong admin token")
+    """The admin token as a bearer token, or a live dashboard session's cookie (never the
+    token itself as a cookie); failures are limited per source address (server/adminauth.py).
+    A plain function: it runs in the thread pool, where its Redis and database calls may
+    block."""
+    authenticate_admin(request, credentials.credentials if credentials is not None else None)
 
 
 async def _read_batch(request: Request, state: ServiceState) -> DecodedBatch:
@@ -246,62 +272,317 @@ async def predict(
             "(after a restart too) and is neither logged nor counted again"
         ),
     ] = None,
+    image_count: Annotated[
+        int | None,
+        Header(
+            alias=IMAGE_COUNT_HEADER,
+            ge=1,
+            description="How many images the body holds. The rate limit and quota are charged "
+            "this many before the body is read (1 without the header) and settled once it is "
+            "decoded, so a key over its limit is refused before any decoding",
+        ),
+    ] = None,
 ) -> PredictResponse:
+    """Every limit is checked before the body is read: the key's requests in flight, its
+    blocked status, then its rate limit and quota for the declared image count."""
     started = time.perf_counter()
     state = get_state(request)
-    await _refuse_blocked(state, client)
-    batch = await _read_batch(request, state)
-    if idempotency_key is None:
-        return await _answer(state, client, batch, started, response)
-    hashes = [image_sha256(image) for image in batch.images]
-    fingerprint = hashlib.sha256("".join(hashes).encode()).hexdigest()
-    answer, replayed = await state.idempotency.run(
-        client.name,
-        idempotency_key,
-        fingerprint,
-        compute=lambda: _answer(state, client, batch, started, response, idempotency_key, hashes),
-        recall=lambda: _recall(state, client, idempotency_key, hashes),
-    )
-    if replayed:
+    if idempotency_key is not None:
+        check_key(idempotency_key)
+    declared = image_count or 1
+    if declared > state.limits.max_images:
+        raise ApiError(
+            413,
+            "too_many_images",
+            f"{declared} images declared; at most {state.limits.max_images} per request",
+        )
+    if not state.in_flight.enter(client.name):
+        raise ApiError(
+            429,
+            "too_many_requests_in_flight",
+            f"this key has {state.in_flight.limit} requests in flight; wait for their answers",
+            {"Retry-After": "1"},
+        )
+    bill: _Bill | None = None
+    try:
+        await _refuse_blocked(state, client)
+        # A retry of a request answered before is charged only the rate limit, and given that
+        # back once replayed: a key at its daily quota can still collect a lost answer, and a
+        # key replaying big bodies still pays for their decoding in time.
+        retry = idempotency_key is not None and await _answered_before(
+            state, client, idempotency_key
+        )
+        bill = _Bill(state, client, response, rate_only=retry)
+        await bill.charge(declared)
+        batch = await _read_batch(request, state)
+        await bill.settle(len(batch.images))
+        if idempotency_key is None:
+            answer, _ = await _infer_and_log(state, client, batch, started)
+            replayed = False
+        else:
+            hashes = [image_sha256(image) for image in batch.images]
+            fingerprint = hashlib.sha256("".join(hashes).encode()).hexdigest()
+            answer, replayed = await state.idempotency.run(
+                client.name,
+                idempotency_key,
+                fingerprint,
+                compute=lambda: _infer_and_log(
+                    state, client, batch, started, idempotency_key, hashes
+                ),
+                recall=lambda: _recall(state, client, idempotency_key, hashes),
+            )
+    except BaseException:
+        if bill is not None:
+            await bill.refund_all()  # nothing was answered: give the images back
+        raise
+    finally:
+        state.in_flight.leave(client.name)
+    if replayed:  # answered before, and counted then
+        await bill.refund_all()
         response.headers["Idempotent-Replayed"] = "true"
+    else:
+        state.metrics.answered.labels(client.name).inc(len(batch.images))
     return answer
 
 
 async def _degradable(
-    state: ServiceState, call: Callable[..., T], *args: Any, in_process: bool = False
+    state: ServiceState,
+    call: Callable[..., T],
+    *args: Any,
+    in_process: bool = False,
+    monitor: bool = False,
 ) -> T | None:
     """Run a call that may need Redis; None when Redis is down and the deployment fails open.
 
     ``in_process`` calls (no I/O) run on the event loop: a thread hop would cost more.
+    ``monitor`` calls run on the monitor's own threads, so that their waits on Redis locks
+    never hold up AnyIO's shared pool. Only an outage (no connection, a timeout) may be
+    answered without Redis: any other Redis error (a lock not had in time, a value or a script
+    that Redis refuses, a full Redis) is refused whatever the failure mode, as a client can
+    provoke some of those and must not switch its own detection off with them.
     """
     try:
-        return call(*args) if in_process else await run_in_threadpool(call, *args)
+        if in_process:
+            return call(*args)
+        if monitor:
+            return await state.monitor_threads.run(call, *args)
+        return await run_in_threadpool(call, *args)
     except RedisError as exc:
-        if state.settings.redis_failure is RedisFailure.closed:
+        if state.settings.redis_failure is RedisFailure.closed or not is_outage(exc):
             raise
         state.metrics.degraded.labels("redis").inc()
         log.warning("redis unavailable, answering without it (MLAAS_REDIS_FAILURE=open): %s", exc)
         return None
 
 
+Flags = dict[str, list[str]]
+"""What flags a key: level (``key``, ``account``) -> the detectors that alarmed at it."""
+
+
 async def _refuse_blocked(state: ServiceState, client: Client) -> None:
-    """403 for a key flagged itself or through its shared account (one more read for that)."""
+    """403 for a key flagged itself or through its shared account (one more read for that),
+    whether Redis has it or lost it (see :func:`_flags`)."""
     monitor = state.monitor
     if monitor is None or monitor.policy is not Policy.block:
         return
-    standing = await _degradable(
-        state,
-        monitor.standing,
-        client.name,
-        client.account,
-        in_process=monitor.store.in_process,
-    )
-    if standing is not None and standing.flagged:
+    flags = _remembered_flags(state, client)
+    if not flags:
+        standing = await _degradable(
+            state,
+            monitor.standing,
+            client.name,
+            client.account,
+            in_process=monitor.store.in_process,
+            monitor=True,
+        )
+        fresh = standing is not None and (
+            standing.status.queries == 0
+            or (standing.account_status is not None and standing.account_status.queries == 0)
+        )
+        flags = await _flags(state, client, standing, fresh, holding_turn=False)
+    if flags:
         raise ApiError(
             403,
             "client_blocked",
-            f"this client is blocked: {standing.reason} as a likely model-extraction attempt",
+            f"this client is blocked: {_reason(client, flags)} as a likely model-extraction "
+            "attempt",
         )
+
+
+async def _observe(
+    state: ServiceState, client: Client, observation: Observation
+) -> tuple[Verdict | None, bool]:
+    """The monitor's verdict on a batch (None when Redis is down and the deployment fails
+    open), and whether the key is flagged (found as :func:`_flags` finds it, for the deceive
+    policy: a flagged client keeps its perturbed answers though Redis lose its record).
+
+    One request per record at a time in this process (see :class:`MonitorThreads`): a client's
+    other requests wait on the event loop, not in threads.
+    """
+    monitor = state.monitor
+    assert monitor is not None
+    async with state.monitor_threads.turn(_records(client)):
+        verdict = await _degradable(
+            state,
+            monitor.observe,
+            client.name,
+            observation,
+            client.account,
+            in_process=monitor.store.in_process,
+            monitor=True,
+        )
+        standing = None
+        if verdict is not None:
+            shared = shared_account(client.name, client.account)
+            standing = Standing(verdict.status, shared, verdict.account_status)
+        if monitor.policy is Policy.block:
+            flags = _standing_flags(standing) if standing is not None else {}
+            _remember(state, client, flags)  # refused from now on without asking Redis
+            return verdict, bool(flags)
+        if monitor.policy is not Policy.deceive:
+            return verdict, verdict is not None and verdict.flagged
+        count = len(observation)  # a record this batch was the first of is a fresh one
+        fresh = verdict is not None and (
+            verdict.status.queries == count
+            or (verdict.account_status is not None and verdict.account_status.queries == count)
+        )
+        flags = await _flags(state, client, standing, fresh, holding_turn=True)
+        return verdict, bool(flags)
+
+
+async def _flags(
+    state: ServiceState,
+    client: Client,
+    standing: Standing | None,
+    fresh: bool,
+    *,
+    holding_turn: bool,
+) -> Flags:
+    """What flags ``client`` (empty: nothing), for the block and deceive policies.
+
+    Redis's ``standing`` first (None: Redis is down and the deployment fails open). Where
+    Redis may have lost it (down, or restarted without persistence or flushed: a record with
+    no queries, ``fresh``), what this process remembers, else the alerts in the query log: a
+    flagged client stays flagged, and the log is asked only for fresh records, not on every
+    request. Flags Redis lost are put back in it, so that every process sees them again.
+    """
+    flags = _standing_flags(standing) if standing is not None else {}
+    if not flags:
+        flags = _remembered_flags(state, client)
+        if not flags and (standing is None or fresh):
+            flags = await _logged(state, client)
+        if flags and standing is not None:
+            await _restore(state, client, flags, holding_turn=holding_turn)
+    _remember(state, client, flags)
+    return flags
+
+
+def _records(client: Client) -> list[str]:
+    """The state store's records for a key: its own, then its shared account's."""
+    shared = shared_account(client.name, client.account)
+    return [client.name] if shared is None else [client.name, account_record(shared)]
+
+
+def _standing_flags(standing: Standing) -> Flags:
+    flags: Flags = {}
+    if standing.status.flagged:
+        flags[Level.key.value] = list(standing.status.flagged_by)
+    if standing.account_status is not None and standing.account_status.flagged:
+        flags[Level.account.value] = list(standing.account_status.flagged_by)
+    return flags
+
+
+def _level_names(client: Client) -> dict[str, str]:
+    """Level -> the name a flag at that level is kept under (the account's only if shared)."""
+    shared = shared_account(client.name, client.account)
+    names = {Level.key.value: client.name}
+    if shared is not None:
+        names[Level.account.value] = shared
+    return names
+
+
+def _remembered_flags(state: ServiceState, client: Client) -> Flags:
+    flags: Flags = {}
+    for level, name in _level_names(client).items():
+        detectors = state.flagged.get(level, name)
+        if detectors:
+            flags[level] = detectors
+    return flags
+
+
+def _remember(state: ServiceState, client: Client, flags: Flags) -> None:
+    names = _level_names(client)
+    for level, detectors in flags.items():
+        state.flagged.put(level, names[level], detectors)
+
+
+def _reason(client: Client, flags: Flags) -> str:
+    """Which level is flagged, by what, in the words of :attr:`Standing.reason`."""
+    names = _level_names(client)
+
+    def status(level: str) -> ClientStatus:
+        detectors = flags.get(level, [])
+        return ClientStatus(names[level], flagged=bool(detectors), flagged_by=detectors)
+
+    shared = names.get(Level.account.value)
+    account_status = status(Level.account.value) if shared is not None else None
+    return Standing(status(Level.key.value), shared, account_status).reason
+
+
+async def _logged(state: ServiceState, client: Client) -> Flags:
+    """The key's flags as the query log's alerts hold them (under the deployment's policy)."""
+    assert state.monitor is not None
+    names = _level_names(client)
+    try:
+        return await run_in_threadpool(
+            logged_flags,
+            state.engine,
+            client.name,
+            names.get(Level.account.value),
+            state.monitor.policy.value,
+        )
+    except SQLAlchemyError:
+        if state.writer.mode is LogMode.durable:
+            raise  # 503: durable logging answers nothing while the database is away
+        log.warning("database unavailable: %s's logged alerts are not checked", client.name)
+        return {}
+
+
+async def _restore(
+    state: ServiceState, client: Client, flags: Flags, *, holding_turn: bool
+) -> None:
+    """Flag the key's records in the state store again (best effort: the policy holds in this
+    process whatever comes of it)."""
+    monitor = state.monitor
+    assert monitor is not None
+    records = dict(zip(_level_names(client), _records(client), strict=True))
+    turn = (
+        contextlib.nullcontext()
+        if holding_turn
+        else state.monitor_threads.turn(list(records.values()))
+    )
+    try:
+        async with turn:
+            for level, detectors in flags.items():
+                if monitor.store.in_process:
+                    monitor.mark_flagged(records[level], detectors)
+                else:
+                    await state.monitor_threads.run(monitor.mark_flagged, records[level], detectors)
+        log.warning("%s's flags (%s) were lost by the state store: restored", client.name, flags)
+    except RedisError as exc:
+        log.warning("%s's flags could not be restored into redis: %s", client.name, exc)
+
+
+async def _answered_before(state: ServiceState, client: Client, request_key: str) -> bool:
+    """Whether an idempotent request is being answered here or is in the log already."""
+    if state.idempotency.holds(client.name, request_key):
+        return True
+    try:
+        return await run_in_threadpool(request_logged, state.engine, client.name, request_key)
+    except SQLAlchemyError:
+        if state.writer.mode is LogMode.durable:
+            raise
+        return False  # buffered: charged as a new request during a database outage
 
 
 async def _recall(
@@ -317,11 +598,7 @@ async def _recall(
     if not rows:
         return None
     if [row["input_sha256"] for row in rows] != hashes:
-        raise ApiError(
-            422,
-            "idempotency_key_reused",
-            "this Idempotency-Key was used for a different request body",
-        )
+        raise reused_key_error()
     return PredictResponse(
         model=state.victim.card.name,
         granularity=rows[0]["granularity"],
@@ -354,47 +631,80 @@ def _rate_limited(decision: Decision, cost: int) -> ApiError:
     )
 
 
-async def _answer(
-    state: ServiceState,
-    client: Client,
-    batch: DecodedBatch,
-    started: float,
-    response: Response,
-    request_key: str | None = None,
-    hashes: list[str] | None = None,
-) -> PredictResponse:
-    cost = len(batch.images)
-    limits = client.limits_over(state.limits_default)
-    charged = False
-    if not limits.unlimited:
+class _Bill:
+    """What a request has taken from its key's rate limit and daily quota.
+
+    Charged before the body is read, for the images the request declares, and settled once
+    they are decoded: the difference is charged or given back. Whatever was taken is given
+    back when the request is not answered, or is answered from an earlier answer (a replay).
+    """
+
+    def __init__(
+        self, state: ServiceState, client: Client, response: Response, *, rate_only: bool = False
+    ) -> None:
+        """``rate_only``: charge the rate limit, not the daily quota (a retry's bill)."""
+        self._state = state
+        self._client = client
+        self._response = response
+        limits = client.limits_over(state.limits_default)
+        self._limits = replace(limits, daily_quota=None) if rate_only else limits
+        self.covered = 0
+        """Images the request may have: charged, or let through while Redis is away."""
+        self.charged = 0
+        """Images actually taken from the limits (to give back)."""
+
+    async def charge(self, count: int) -> None:
+        """Take ``count`` images more, or refuse the request (429, or 413 when it can never
+        fit), having taken nothing more."""
+        self.covered += count
+        if self._limits.unlimited:
+            return
+        limiter = self._state.limiter
         decision = await _degradable(
-            state,
-            state.limiter.acquire,
-            client.name,
-            cost,
-            limits,
-            in_process=state.limiter.in_process,
+            self._state,
+            limiter.acquire,
+            self._client.name,
+            count,
+            self._limits,
+            in_process=limiter.in_process,
         )
-        if decision is not None:
-            if not decision.allowed:
-                raise _rate_limited(decision, cost)
-            charged = True
-            response.headers.update(_quota_headers(decision))
-    try:
-        answer = await _infer_and_log(state, client, batch, started, request_key, hashes)
-    except BaseException:
-        if charged:  # nothing was answered: give the images back
-            await _degradable(
-                state,
-                state.limiter.refund,
-                client.name,
-                cost,
-                limits,
-                in_process=state.limiter.in_process,
-            )
-        raise
-    state.metrics.answered.labels(client.name).inc(cost)
-    return answer
+        if decision is None:
+            return  # Redis is away and the deployment fails open
+        if not decision.allowed:
+            self.covered -= count
+            raise _rate_limited(decision, self.covered + count)
+        self.charged += count
+        self._response.headers.update(_quota_headers(decision))
+
+    async def settle(self, count: int) -> None:
+        """The request holds ``count`` images: charge what was not declared, give back what
+        was declared but not sent."""
+        if count > self.covered:
+            await self.charge(count - self.covered)
+        elif count < self.covered:
+            await self.refund(self.covered - count)
+            self.covered = count
+
+    async def refund(self, count: int) -> None:
+        count = min(count, self.charged)
+        if count <= 0:
+            return
+        limiter = self._state.limiter
+        await _degradable(
+            self._state,
+            limiter.refund,
+            self._client.name,
+            count,
+            self._limits,
+            in_process=limiter.in_process,
+        )
+        self.charged -= count
+        remaining = self._response.headers.get("X-Quota-Remaining")
+        if remaining is not None:  # what the answer says is left counts the refund
+            self._response.headers["X-Quota-Remaining"] = str(int(remaining) + count)
+
+    async def refund_all(self) -> None:
+        await self.refund(self.charged)
 
 
 async def _infer_and_log(
@@ -402,10 +712,15 @@ async def _infer_and_log(
     client: Client,
     batch: DecodedBatch,
     started: float,
-    request_key: str | None,
-    hashes: list[str] | None,
-) -> PredictResponse:
-    output = await state.batcher.submit(batch.images)
+    request_key: str | None = None,
+    hashes: list[str] | None = None,
+) -> tuple[PredictResponse, Future[None] | None]:
+    """Answer and log a decoded batch: the answer, and the future of its rows' commit when
+    the client is answered before it (buffered logging); None once they are committed."""
+    try:
+        output = await state.batcher.submit(batch.images, client.name)
+    except QueueFull as exc:
+        raise ApiError(503, "model_busy", f"{exc}; retry shortly", {"Retry-After": "1"}) from exc
     probs = state.perturbation.apply(output.probs, state.rng)
     granularity = client.granularity or state.granularity
     scores: list[dict[str, float | None]] | None = None
@@ -413,26 +728,17 @@ async def _infer_and_log(
     alerts: list[PendingAlert] = []
     if state.monitor is not None:
         observation = Observation(batch.images, output.logits, output.probs, output.features)
-        # In-process state: about a millisecond of NumPy with no I/O, where a thread hop would
-        # cost more than it frees the event loop for (measured by bench/detection.py).
-        verdict = await _degradable(
-            state,
-            state.monitor.observe,
-            client.name,
-            observation,
-            client.account,
-            in_process=state.monitor.store.in_process,
-        )
+        verdict, flagged = await _observe(state, client, observation)
         if verdict is not None:
             scores, statistics = verdict.scores, verdict.statistics
             alerts = [PendingAlert(**asdict(alert)) for alert in verdict.alerts]
             for alert in verdict.alerts:
                 state.metrics.alerts.labels(alert.detector, alert.action).inc()
-            if verdict.flagged and state.monitor.policy is Policy.deceive:
-                if isinstance(state.deception, Granularity):
-                    granularity = state.deception
-                else:
-                    probs = state.deception.apply(probs, state.rng)
+        if flagged and state.monitor.policy is Policy.deceive:
+            if isinstance(state.deception, Granularity):
+                granularity = state.deception
+            else:
+                probs = state.deception.apply(probs, state.rng)
     query_ids = [uuid.uuid4().hex for _ in range(len(output))]
     predictions = granularity.shape(probs, state.victim.classes, query_ids)
     answered_at = datetime.now(UTC)
@@ -468,14 +774,17 @@ async def _infer_and_log(
     )
     if state.writer.mode is LogMode.durable:
         try:
-            await asyncio.wrap_future(logged)
+            # At most MLAAS_LOG_COMMIT_TIMEOUT_S, then 503 (see wait_for_commit: rows that
+            # commit later stay logged, and a retry with the same key is answered from them).
+            await wait_for_commit(logged, state.settings.log_commit_timeout_s)
         except DuplicateRequest:
             # Another replica answered this idempotent request first: its answer stands.
             recalled = await _recall(state, client, request_key or "", hashes or [])
             if recalled is None:
                 raise
-            return recalled
-    return answer
+            return recalled, None
+        return answer, None
+    return answer, logged
 
 
 @public_router.get("/v1/model", response_model=ModelInfo, summary="The public model card")
@@ -523,8 +832,10 @@ async def readyz(request: Request) -> dict[str, Any]:
     if state.redis is not None:
         try:
             await run_in_threadpool(state.redis.ping)
-        except RedisError:
-            if state.settings.redis_failure is RedisFailure.closed:
+        except RedisError as exc:
+            if not is_outage(exc):  # requests are refused then, whatever the failure mode
+                problems.append(f"redis refuses its commands ({type(exc).__name__})")
+            elif state.settings.redis_failure is RedisFailure.closed:
                 problems.append("redis does not answer")
             else:
                 degraded.append("redis does not answer (no detection or rate limits)")
@@ -540,16 +851,31 @@ def _ping_database(state: ServiceState) -> None:
         connection.execute(text("SELECT 1"))
 
 
+# Granularities as they are written (server/shaping.py), exactly: every string the pattern
+# allows is accepted and nothing else is, so the schema tells the truth. Granularity.parse alone
+# is more lenient (it took "probs\x0b", control character and all, for "probs").
+_TOP_K, _ROUND = "topk:[1-9][0-9]{0,5}", "round:[0-8]"
+GRANULARITY_PATTERN = f"^(probs|label|{_TOP_K}|{_ROUND}|{_TOP_K},{_ROUND}|{_ROUND},{_TOP_K})$"
+"""Images per second, at least: one per 11.6 days. Below, a microsecond interval per image
+overflows (a denormal such as 5e-324 made it infinite)."""
+
+
 class NewKey(BaseModel):
     name: str = Field(
         description="Client name, unique",
-        json_schema_extra={"pattern": CLIENT_NAME_PATTERN},  # documented; KeyStore enforces it
+        pattern=CLIENT_NAME_PATTERN,  # KeyStore enforces it too, for the CLI
     )
     granularity: str | None = Field(
-        default=None, description="Overrides the deployment's granularity for this key"
+        default=None,
+        pattern=GRANULARITY_PATTERN,
+        description="Overrides the deployment's granularity for this key: probs, label, "
+        "topk:K, round:D, or topk and round together (topk:3,round:2)",
     )
     rate_limit: float | None = Field(
-        default=None, gt=0, allow_inf_nan=False, description="Images per second for this key"
+        default=None,
+        ge=MIN_RATE_LIMIT,
+        allow_inf_nan=False,
+        description="Images per second for this key",
     )
     # At most what the keys table's INTEGER columns hold (32 bits in PostgreSQL), else a 500.
     rate_burst: int | None = Field(
@@ -562,8 +888,17 @@ class NewKey(BaseModel):
         default=None,
         description="The account the key joins (default: its own name, the key alone); "
         "detectors also decide on a shared account's queries taken together",
-        json_schema_extra={"pattern": CLIENT_NAME_PATTERN},
+        pattern=CLIENT_NAME_PATTERN,
     )
+
+
+    @field_validator("rate_limit", "rate_burst", "daily_quota", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: object) -> object:
+        # JSON's true is no number to the schema; pydantic's lax mode would read it as 1.
+        if isinstance(value, bool):
+            raise ValueError("a number is needed, not a boolean")
+        return value
 
 
 class CreatedKey(BaseModel):
@@ -572,20 +907,72 @@ class CreatedKey(BaseModel):
     key: str = Field(description="Shown once; the server stores only its hash")
 
 
+def _self_contained_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` put in place of the references to them: an
+    operation's request body cannot carry ``$defs`` of its own (models that refer to
+    themselves would need components instead)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return resolve({**defs[ref.removeprefix("#/$defs/")], **rest})
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+def _parse_json_body(model: type[M], request: Request, body: bytes) -> M:
+    """A JSON body as ``model``, refused as FastAPI refuses a body parameter: 422 naming the
+    fields (server/errors.py), 415 for a body that says it is not JSON."""
+    kind = media_type(request.headers.get("content-type"))
+    if kind and kind != "application/json" and not kind.endswith("+json"):
+        raise ApiError(
+            415, "unsupported_media_type", f"content type {kind!r}: send application/json"
+        )
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in errors]
+        ) from None
+
+
 @admin_router.post(
     "/keys",
     response_model=CreatedKey,
     status_code=201,
-    dependencies=[Depends(require_admin)],
-    responses=admin_errors(400, 409, 422, 503),
+    responses=admin_errors(400, 409, 415, 422, 503),
+    # The body is read in the handler, after the admin check: documented here instead.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _self_contained_schema(NewKey)}},
+        }
+    },
     summary="Create an API key",
 )
-def create_key(request: Request, body: NewKey) -> CreatedKey:
+async def create_key(request: Request, credentials: AdminCredentials) -> CreatedKey:
+    """Authenticated before the body is read: with the body as a model parameter, FastAPI
+    would read and validate it first, for anyone and with admin routes off too."""
+    await run_in_threadpool(require_admin, request, credentials)
+    body = _parse_json_body(NewKey, request, await request.body())
     try:
         limits = LimitSpec(body.rate_limit, body.rate_burst, body.daily_quota)
-        key = get_state(request).keys.create(body.name, body.granularity, limits, body.account)
+        key = await run_in_threadpool(
+            get_state(request).keys.create, body.name, body.granularity, limits, body.account
+        )
     except DuplicateClient as exc:
         raise ApiError(409, "client_exists", str(exc)) from exc
+    except NameConflict as exc:  # a shared account's name for a key, or the reverse
+        raise ApiError(409, "name_conflict", str(exc)) from exc
     except (KeyStoreError, ValueError) as exc:
         raise ApiError(422, "invalid_key_request", str(exc)) from exc
     return CreatedKey(name=body.name, account=body.account or body.name, key=key)

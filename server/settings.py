@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -23,6 +24,7 @@ from defense.monitor import Policy
 from defense.perturb import Perturbation
 from mlaas.config import CommonSettings
 from server.querylog import LogMode
+from server.ratelimit import MIN_RATE_LIMIT
 from server.shaping import Granularity
 
 
@@ -45,6 +47,10 @@ class RedisFailure(StrEnum):
     open = "open"
 
 
+MIN_ADMIN_TOKEN_CHARS = 32
+"""A token_urlsafe(32) has 43: guessing one is hopeless even without the failure limit."""
+
+
 class ServerSettings(CommonSettings):
     # Empty variables count as unset, so that compose can pass optional ones through as-is.
     model_config = SettingsConfigDict(
@@ -57,8 +63,36 @@ class ServerSettings(CommonSettings):
     )
     granularity: str = "probs"
     admin_token: SecretStr | None = Field(
-        default=None, description="Bearer token for /admin routes; unset disables them"
+        default=None,
+        description=f"Bearer token for /admin routes, at least {MIN_ADMIN_TOKEN_CHARS} "
+        "characters; unset disables them",
     )
+    admin_failures_per_minute: int = Field(
+        default=10,
+        ge=1,
+        description="Failed admin attempts (wrong token, unknown session) a source address may "
+        "make per minute, in a burst or spread out; beyond: 429 before any token is compared",
+    )
+    admin_session_ttl_s: int = Field(
+        default=8 * 3600, ge=60, description="How long a dashboard login lasts, in seconds"
+    )
+    secure_cookies: bool = Field(
+        default=False,
+        description="Mark the dashboard's session cookie Secure: set it when the deployment is "
+        "served over HTTPS (browsers then never send the cookie in clear)",
+    )
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(
+                f"MLAAS_ADMIN_TOKEN has {len(value.get_secret_value())} characters; it needs at "
+                f"least {MIN_ADMIN_TOKEN_CHARS}. Make one with: "
+                'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
+        return value
+
     device: str = "auto"
 
     max_images_per_request: int = Field(default=256, ge=1)
@@ -73,6 +107,18 @@ class ServerSettings(CommonSettings):
     batch_max_size: int = Field(default=256, ge=1, description="Images per forward pass")
     batch_max_wait_ms: float = Field(
         default=2.0, ge=0, description="How long a forward pass waits for company"
+    )
+    batch_queue_images: int | None = Field(
+        default=None,
+        ge=1,
+        description="Images waiting for the model, at most (beyond: 503 with Retry-After; no "
+        "client may hold more than half); default: 16 forward passes' worth",
+    )
+    max_in_flight_per_key: int = Field(
+        default=8,
+        ge=1,
+        description="Requests one key may have in flight per API process (beyond: 429), "
+        "checked before the body is read",
     )
 
     detectors: str = Field(
@@ -122,13 +168,49 @@ class ServerSettings(CommonSettings):
     log_shutdown_timeout_s: float = Field(
         default=30.0, gt=0, description="buffered mode: how long a stop waits for the database"
     )
+    log_commit_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="durable mode: how long a request waits for its rows' commit before it is "
+        "refused with 503 (rows committed later stay logged)",
+    )
+    db_connect_timeout_s: float = Field(
+        default=5.0, ge=2, description="PostgreSQL: how long making a connection may take"
+    )
+    db_statement_timeout_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="PostgreSQL: how long the server may run one statement (0: no limit)",
+    )
+    db_tcp_timeout_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="PostgreSQL: how long a connection may wait on a peer that stopped "
+        "answering, by TCP keepalives and tcp_user_timeout (0: the OS's timeouts, minutes)",
+    )
     redis_failure: RedisFailure = Field(
         default=RedisFailure.closed,
         description="closed: Redis down means 503 for predictions; open: answer without "
         "detector scores and rate limits until it returns",
     )
+    redis_lock_wait_s: float = Field(
+        default=3.0,
+        gt=0,
+        le=30,
+        description="How long a request waits for a client's detector state that another "
+        "request holds (in this process, then in Redis), each; then 503",
+    )
+    monitor_threads: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Threads for the detectors' Redis work (their own: the shared pool serves "
+        "key lookups and decoding); a client's requests use one at a time per process",
+    )
     rate_limit: float | None = Field(
-        default=None, gt=0, description="Images per second per key; unset: no rate limit"
+        default=None,
+        ge=MIN_RATE_LIMIT,
+        description="Images per second per key; unset: no rate limit",
     )
     rate_burst: int | None = Field(
         default=None, ge=1, description="Images a key may send at once; default: one second's"
@@ -200,6 +282,16 @@ class ServerSettings(CommonSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.var_dir / 'mlaas.db'}"
+
+    @property
+    def database_options(self) -> dict[str, Any]:
+        """``make_engine``'s keyword arguments for these settings."""
+        return {
+            "durable": self.log_mode is LogMode.durable,
+            "connect_timeout_s": self.db_connect_timeout_s,
+            "statement_timeout_s": self.db_statement_timeout_s or None,
+            "tcp_timeout_s": self.db_tcp_timeout_s or None,
+        }
 
     @classmethod
     def settings_customise_sources(

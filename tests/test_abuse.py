@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from mlaas.serverproc import ServerProcess
-from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
+from mlaas.wire import IMAGE_COUNT_HEADER, NPY_MEDIA_TYPE, encode_npy
 from server.dashboard import router as dashboard_router
 from server.db import ApiKey
 from server.keys import hash_key
@@ -49,10 +49,13 @@ def test_rate_limit_answers_429_with_retry_after_and_logs_nothing(make_client) -
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "rate_limited"
     assert int(refused.headers["Retry-After"]) == 2  # one image per 2 s
-    too_big = post(client, key, 5)  # more than the burst: could never pass
+    # More than the burst, declared: refused at once as one that could never pass.
+    too_big = post(client, key, 5, **{IMAGE_COUNT_HEADER: "5"})
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "over_limit"
+    # Undeclared, its first image is charged before the body is read: the bucket is empty.
+    assert post(client, key, 5).status_code == 429
     assert logged(client, "hasty") == 4
-    assert client.app.state.service.rejected["429"] == 1
+    assert client.app.state.service.rejected["429"] == 2
     other = create_key(client, "patient")  # limits are per key
     assert post(client, other, 4).status_code == 200
 
@@ -87,6 +90,10 @@ def test_a_replayed_request_is_not_charged_again(make_client) -> None:
     assert first.status_code == again.status_code == 200
     assert again.headers["idempotent-replayed"] == "true"
     assert post(client, key, 1).status_code == 429  # the quota was charged once
+    # With the quota spent, a retry of the answered request still collects its answer.
+    third = post(client, key, 4, **{"Idempotency-Key": "only-once"})
+    assert third.status_code == 200 and third.json() == first.json()
+    assert logged(client, "retrier") == 4
 
 
 def test_redis_limits_are_shared_by_processes(make_client, redis_prefix, tmp_path: Path) -> None:
@@ -140,7 +147,9 @@ def test_keys_and_the_admin_token_never_reach_the_logs(make_client, caplog) -> N
     client.app.state.service.keys.revoke("quiet")
     post(client, key, 1)  # a revoked key
     client.get("/admin/queries", headers=bearer(ADMIN_TOKEN))
-    client.get(f"/dashboard?token={ADMIN_TOKEN}")
+    client.get(f"/dashboard?token={ADMIN_TOKEN}")  # refused, and not logged either
+    client.post("/dashboard/login", data={"token": ADMIN_TOKEN})
+    client.post("/dashboard/login", data={"token": ADMIN_TOKEN + "x"})
     # The test's own HTTP client (httpx, httpcore) logs its URLs; the service's loggers may not.
     service_lines = [
         record.getMessage()
@@ -171,7 +180,7 @@ def test_uvicorn_access_log_masks_tokens_in_urls(tiny_victim: Path, tmp_path: Pa
 
 
 def test_every_admin_route_and_the_dashboard_need_the_token(make_client) -> None:
-    client = make_client()
+    client = make_client(admin_failures_per_minute=1000)  # this test fails on purpose, often
     routes = [
         route
         for router in (public_router, admin_router, dashboard_router)
@@ -184,12 +193,32 @@ def test_every_admin_route_and_the_dashboard_need_the_token(make_client) -> None
         if route.path.startswith(("/admin", "/dashboard")) or route.path == "/metrics"
         for method in route.methods
     ]
-    assert len(guarded) >= 8  # keys, queries, stats, alerts, clients, data, metrics, page
+    # keys (2), queries, stats, alerts, clients, data, metrics; the page, login and logout
+    assert len(guarded) >= 11
+    wrong = (
+        {},
+        bearer("wrong-token"),
+        {"Cookie": "mlaas_session=wrong"},
+        {"Cookie": f"mlaas_session={ADMIN_TOKEN}"},  # the token is no session id
+        {"Cookie": f"mlaas_admin={ADMIN_TOKEN}"},  # the old cookie, the raw token: gone
+    )
+    pages = {"/dashboard", "/dashboard/login", "/dashboard/logout"}
     for method, path in guarded:
+        if path in pages:
+            continue
         url = path.replace("{name}", "someone")
-        for headers in ({}, bearer("wrong-token"), {"Cookie": "mlaas_admin=wrong"}):
+        for headers in wrong:
             response = client.request(method, url, headers=headers, json={"name": "x"})
             assert response.status_code == 401, (method, path, headers, response.text)
+    # The page: a login form and never the dashboard, whatever the request carries.
+    for headers in wrong:
+        page = client.get("/dashboard", headers=headers)
+        assert page.status_code in (200, 401) and 'name="token"' in page.text, headers
+        assert "set-cookie" not in page.headers or "Max-Age=0" in page.headers["set-cookie"]
+    refused = client.post("/dashboard/login", data={"token": "wrong-token"})
+    assert refused.status_code == 401 and "set-cookie" not in refused.headers
+    ended = client.post("/dashboard/logout", follow_redirects=False)  # opens nothing
+    assert ended.status_code == 303 and "Max-Age=0" in ended.headers["set-cookie"]
     public = {r.path for r in routes} - {p for _, p in guarded}
     assert public == {"/v1/predict", "/v1/model", "/healthz", "/readyz"}
 

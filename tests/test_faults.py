@@ -89,8 +89,8 @@ def test_database_lost_between_authentication_and_logging_refuses_the_answer(
     service = client.app.state.service
     real_submit = service.batcher.submit
 
-    async def forward_then_lose_the_database(batch):
-        output = await real_submit(batch)
+    async def forward_then_lose_the_database(*args, **kwargs):
+        output = await real_submit(*args, **kwargs)
         private_postgres.stop("immediate")
         return output
 
