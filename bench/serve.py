@@ -26,7 +26,7 @@ HTTP stack and this client with no model, authentication or query log behind it.
     .venv/bin/python bench/serve.py --models cnn-small --seconds 30
 
 ``MLAAS_*`` variables set in the environment reach the server (the benchmark sets only the
-database, admin token, var dir and device), e.g. ``MLAAS_LOG_INPUTS=false`` measures without
+database, admin token, var dir, device and the per-key cap on requests in flight), e.g. ``MLAAS_LOG_INPUTS=false`` measures without
 storing inputs; the header lists any it passes on.
 
 This is a benchmark, not a test: it reports what it measures and never fails on a figure.
@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import secrets
 import statistics
 import sys
 import tempfile
@@ -71,11 +72,17 @@ VICTIMS: dict[str, InputShape] = {
 NUM_CLASSES = 10
 TARGET_NPY = 0.85
 TARGET_SINGLE = 2.5
-ADMIN_TOKEN = "bench-admin-token"
+ADMIN_TOKEN = secrets.token_urlsafe(32)  # the server refuses shorter ones
 NPY_CLIENT = "bench-npy"
 SINGLE_CLIENT = "bench-single"
 DISTINCT_BODIES = 16
-SET_BY_BENCH = {"MLAAS_DATABASE_URL", "MLAAS_ADMIN_TOKEN", "MLAAS_VAR_DIR", "MLAAS_DEVICE"}
+SET_BY_BENCH = {
+    "MLAAS_DATABASE_URL",
+    "MLAAS_ADMIN_TOKEN",
+    "MLAAS_VAR_DIR",
+    "MLAAS_DEVICE",
+    "MLAAS_MAX_IN_FLIGHT_PER_KEY",
+}
 NOISY_CORES = 0.25  # CPU used by other processes during a phase above which figures are suspect
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -524,6 +531,9 @@ def bench_model(arch: str, plan: Plan, root: Path) -> Result:
         "MLAAS_ADMIN_TOKEN": ADMIN_TOKEN,
         "MLAAS_VAR_DIR": str(workdir / "var"),
         "MLAAS_DEVICE": plan.device,
+        # All the simulated clients share one key: its cap on requests in flight is a policy
+        # for abusive keys, not what this measures.
+        "MLAAS_MAX_IN_FLIGHT_PER_KEY": "1024",
     }
     if plan.torch_threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(plan.torch_threads)
