@@ -26,8 +26,8 @@ HTTP stack and this client with no model, authentication or query log behind it.
     .venv/bin/python bench/serve.py --models cnn-small --seconds 30
 
 ``MLAAS_*`` variables set in the environment reach the server (the benchmark sets only the
-database, admin token, var dir, device and the per-key cap on requests in flight), e.g. ``MLAAS_LOG_INPUTS=false`` measures without
-storing inputs; the header lists any it passes on.
+database, admin token, var dir, device and the per-key cap on requests in flight), e.g.
+``MLAAS_LOG_INPUTS=false`` measures without storing inputs; the header lists any it passes on.
 
 This is a benchmark, not a test: it reports what it measures and never fails on a figure.
 """

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -860,6 +861,18 @@ GRANULARITY_PATTERN = f"^(probs|label|{_TOP_K}|{_ROUND}|{_TOP_K},{_ROUND}|{_ROUN
 overflows (a denormal such as 5e-324 made it infinite)."""
 
 
+def _iso_only(value: object) -> object:
+    """Refuse a number where the schema promises an ISO 8601 time (pydantic would read
+    ``since=29447131`` as seconds since 1970, which the schema does not allow)."""
+    if isinstance(value, str | int | float) and _NUMBER.fullmatch(str(value).strip()):
+        raise ValueError("an ISO 8601 time is needed (2026-12-01T17:00:00Z), not a number")
+    return value
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+IsoTime = Annotated[datetime, BeforeValidator(_iso_only)]
+
+
 class NewKey(BaseModel):
     name: str = Field(
         description="Client name, unique",
@@ -890,7 +903,6 @@ class NewKey(BaseModel):
         "detectors also decide on a shared account's queries taken together",
         pattern=CLIENT_NAME_PATTERN,
     )
-
 
     @field_validator("rate_limit", "rate_burst", "daily_quota", mode="before")
     @classmethod
@@ -997,7 +1009,7 @@ def list_keys(request: Request) -> list[dict[str, Any]]:
 def list_queries(
     request: Request,
     client: str | None = None,
-    since: datetime | None = Query(default=None, description="ISO 8601 time, inclusive"),
+    since: IsoTime | None = Query(default=None, description="ISO 8601 time, inclusive"),
     limit: int = Query(default=100, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=2**63 - 1),  # a 64-bit SQL integer, else a 500
     include_input: bool = Query(default=False, description="Add each input as base64 PNG"),
@@ -1051,7 +1063,7 @@ def list_alerts(
         default=None, description="Only this account's alerts, at both levels"
     ),
     level: Level | None = Query(default=None, description="Only alerts at this level"),
-    since: datetime | None = Query(default=None, description="ISO 8601 time, inclusive"),
+    since: IsoTime | None = Query(default=None, description="ISO 8601 time, inclusive"),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> list[dict[str, Any]]:
     if since is not None and since.tzinfo is None:
