@@ -1045,6 +1045,8 @@ def stats(request: Request) -> dict[str, Any]:
         "log_write_errors": state.writer.write_errors,
         "log_rows_spooled": state.writer.spooled,
         "alerts_written": state.writer.alerts_written,
+        "alerts_waiting": state.writer.alerts_waiting,  # of refused requests, for the database
+        "alerts_lost": state.writer.alerts_lost,
         "detectors": [d.name for d in state.monitor.detectors] if state.monitor else [],
         "rejected_by_status": dict(state.rejected),
     }
@@ -1095,9 +1097,15 @@ def client_standing(request: Request, name: str) -> dict[str, Any]:
     key = known[name]
     monitor = state.monitor
     standing = monitor.standing(name, key.account) if monitor is not None else None
+    flagged = standing is not None and standing.flagged
+    if monitor is not None and not flagged and monitor.policy is not Policy.monitor:
+        # The policy holds a client flagged by a logged alert though Redis lost its record
+        # (see _flags): say so here too.
+        shared = shared_account(name, key.account)
+        flagged = bool(logged_flags(state.engine, name, shared, monitor.policy.value))
     if key.revoked_at is not None:
         status = "revoked"
-    elif standing is not None and standing.flagged:
+    elif flagged:
         status = {"block": "blocked", "deceive": "deceived"}.get(monitor.policy.value, "flagged")
     else:
         status = "active"

@@ -237,6 +237,9 @@ def test_a_blocked_client_stays_blocked_when_redis_loses_everything(
 
     admin = private_redis.client()
     admin.flushall()
+    # The operator's view says so before any request has put the flag back.
+    standing = first.get("/admin/clients/thief", headers=bearer(ADMIN_TOKEN)).json()
+    assert standing["status"] == "blocked", standing
     refused = predict(first, thief, crops[:1])  # this process remembers
     assert refused.status_code == 403 and "flagged by msp" in refused.json()["error"]["message"]
 
