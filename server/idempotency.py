@@ -79,13 +79,15 @@ class IdempotencyCache:
         key: str,
         fingerprint: str,
         compute: Callable[[], Awaitable[Computed]],
-        recall: Callable[[], Awaitable[PredictResponse | None]],
+        recall: Callable[[], Awaitable[PredictResponse | None]] | None = None,
     ) -> tuple[PredictResponse, bool]:
         """The answer for ``(client, key)`` and whether it is a replay.
 
         Concurrent duplicates wait for the first; a failed computation is forgotten, so that a
         retry computes afresh. The same key with a different body is refused (422). On a miss,
-        ``recall`` finds an answer logged before (by this process or another replica).
+        ``recall`` finds an answer logged before (by this process or another replica); the
+        caller may leave it out when it knows the log has none (a race with another replica is
+        then settled by the log's unique index when the rows are written).
         """
         check_key(key)
         slot = (client, key)
@@ -106,7 +108,7 @@ class IdempotencyCache:
         self._entries[slot] = _Entry(fingerprint, future)
         self._per_client[client] += 1
         try:
-            answer = await recall()
+            answer = await recall() if recall is not None else None
             if answer is not None:
                 self._forget(slot)
                 future.set_result(answer)

@@ -330,7 +330,9 @@ async def predict(
                 compute=lambda: _infer_and_log(
                     state, client, batch, started, idempotency_key, hashes
                 ),
-                recall=lambda: _recall(state, client, idempotency_key, hashes),
+                # Only a request answered before has logged rows to replay: a new one costs
+                # no second look at the log.
+                recall=(lambda: _recall(state, client, idempotency_key, hashes)) if retry else None,
             )
     except BaseException:
         if bill is not None:
