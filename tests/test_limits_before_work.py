@@ -27,7 +27,7 @@ from server.errors import ApiError
 from server.idempotency import IdempotencyCache
 from server.inference import ForwardOutput, MicroBatcher, QueueFull
 from server.ratelimit import InFlight
-from tests.helpers import ADMIN_TOKEN, bearer
+from tests.helpers import ADMIN_TOKEN, REDIS_URL, bearer
 
 BODY_BYTES = 32 * 2**20
 
@@ -125,8 +125,15 @@ def test_a_key_has_at_most_its_share_of_requests_in_flight(server, images) -> No
             time.sleep(0.1)
 
 
-def test_the_declared_count_is_charged_first_and_settled_after(make_client, images) -> None:
-    client = make_client()
+@pytest.mark.parametrize("limiter", ["memory", "redis"])
+def test_the_declared_count_is_charged_first_and_settled_after(
+    make_client, images, database_url, limiter, request
+) -> None:
+    """On SQLite and PostgreSQL, with the in-process limiter and the shared one in Redis."""
+    shared = {}
+    if limiter == "redis":
+        shared = {"redis_url": REDIS_URL, "redis_prefix": request.getfixturevalue("redis_prefix")}
+    client = make_client(database_url=database_url, **shared)
     response = client.post(
         "/admin/keys", json={"name": "metered", "daily_quota": 10}, headers=bearer(ADMIN_TOKEN)
     )
