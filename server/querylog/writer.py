@@ -1,126 +1,41 @@
-"""The query log (one row per answered query) and the alerts, written off the request path.
-
-The request handler hands the writer plain arrays and dicts, one request at a time; a
-background thread does the costly part (PNG encoding, hashing, the database round trip) and
-commits several requests per transaction. A request's rows are never split across
-transactions, so a crash or a disconnect leaves all of a request's rows or none.
-
-Two modes (``MLAAS_LOG_MODE``):
-
-``durable`` (the default)
-    The handler waits for its rows' commit before it answers. The writer commits whatever has
-    queued while the previous commit ran (a group commit), so waiting costs one round trip,
-    not one per request. A failed commit fails the requests in it: they get 503 and their
-    queries are not logged, so the log holds the answered queries, even if the database goes
-    away. Their alerts are kept and written once it is back: the detectors' state already
-    says the client was flagged, so no later request would raise them again. A request that
-    waits longer than its timeout gets 503 too, but its rows stay queued and are logged if
-    the commit succeeds later: the log may then hold a query whose answer never reached the
-    client (the safe side for detection), and a retry under the same Idempotency-Key is
-    answered from those rows.
-``buffered``
-    The handler answers at once; rows wait in memory (at most ``max_buffered_rows``) for the
-    writer. While the database is away the writer parks them in a local SQLite spool, which
-    it empties into the database once it answers again (after a restart too), so answers
-    keep flowing through an outage and a crash during one loses nothing. Without a spool the
-    rows stay in memory and the write is retried with backoff. Writes are idempotent: a row
-    already logged, by id or by (client, request_key, position) (one idempotent request
-    answered twice during an outage, by two workers or before and after a restart), is
-    skipped with a warning, so a duplicate can never jam the spool or the writer.
-
-Errors are told apart: an outage (connection refused, lost or timed out) is retried quietly
-with backoff; any other error (a constraint violation, say) is a warning, at most once a
-minute while it repeats, never mistaken for "the database is still away".
-"""
+"""The query log writer: a background thread that commits each request's rows in one
+transaction, in durable or buffered mode (see the package's doc), and the wait for a durable
+request's commit."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from enum import StrEnum
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
-from sqlalchemy import delete, func, insert, inspect, select, text, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from mlaas.wire import encode_png
-from server.db import AlertRecord, QueryRecord, init_db, make_engine
+from server.db import AlertRecord, QueryRecord
+from server.querylog.records import (
+    DuplicateRequest,
+    LogMode,
+    LogUnavailable,
+    PendingAlert,
+    PendingQuery,
+    _describe,
+    _to_row,
+    _Unit,
+    is_outage,
+)
+from server.querylog.spool import Spool, insert_new_queries
 
 log = logging.getLogger(__name__)
-
-
-class LogMode(StrEnum):
-    durable = "durable"
-    buffered = "buffered"
-
-
-class LogUnavailable(Exception):
-    """The query log cannot take these rows now: the request must not be answered."""
-
-
-class DuplicateRequest(LogUnavailable):
-    """Rows with this client's idempotency key are already in the log."""
-
-
-@dataclass
-class PendingQuery:
-    """What the handler knows about an answered query; the writer derives the rest."""
-
-    id: str
-    client: str
-    created_at: datetime
-    image: np.ndarray  # uint8 (H, W, C), as the model saw it
-    input_shape: str  # as the client sent it, H x W x C
-    predicted: int
-    payload: dict[str, Any]
-    latency_ms: float
-    granularity: str
-    scores: dict[str, Any] | None = None
-    statistics: dict[str, Any] | None = None  # decision statistics after it, and its number
-    request_key: str | None = None  # the request's Idempotency-Key
-    position: int | None = None  # the image's place in its request
-    input_sha256: str | None = None  # when the handler has computed it already
-
-
-@dataclass
-class PendingAlert:
-    client: str
-    detector: str
-    created_at: datetime
-    query_count: int
-    score: float
-    threshold: float
-    action: str
-    level: str = "key"  # or "account": an alarm on the key's account's queries together
-    account: str | None = None
-
-
-def is_outage(error: BaseException) -> bool:
-    """Whether ``error`` says the database cannot be reached now (try again later), rather
-    than that it refused these rows (which trying again will not change)."""
-    if isinstance(error, IntegrityError):
-        return False
-    if isinstance(error, OperationalError | InterfaceError | PoolTimeout):
-        return True  # refused, lost or timed-out connections, statement timeouts
-    if isinstance(error, DBAPIError) and error.connection_invalidated:
-        return True
-    return isinstance(error, ConnectionError | TimeoutError)
 
 
 class _Repeating:
@@ -141,205 +56,6 @@ class _Repeating:
             args = (*args, self._since)
         log.warning(message, *args)
         self._last, self._since = now, 0
-
-
-_ON_CONFLICT_DO_NOTHING = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
-
-
-def insert_new_queries(session: Session, rows: list[dict[str, Any]]) -> set[str]:
-    """Insert the query rows the log does not hold yet; the ids of those inserted.
-
-    A row is already held when its id or its (client, request_key, position) is. On
-    PostgreSQL and SQLite it is one INSERT ... ON CONFLICT DO NOTHING, so another replica
-    moving the same rows at the same moment cannot make it fail. Elsewhere the rows held are
-    filtered out first: such a race then fails with IntegrityError, and the next try filters
-    them out.
-    """
-    if not rows:
-        return set()
-    insert_ignoring = _ON_CONFLICT_DO_NOTHING.get(session.get_bind().dialect.name)
-    if insert_ignoring is not None:
-        statement = insert_ignoring(QueryRecord).on_conflict_do_nothing()
-        return set(session.execute(statement.returning(QueryRecord.id), rows).scalars())
-    ids = [row["id"] for row in rows]
-    held_ids = set(session.scalars(select(QueryRecord.id).where(QueryRecord.id.in_(ids))))
-    keys = {_request_place(row) for row in rows if row["request_key"] is not None}
-    held_keys: set[tuple[Any, ...]] = set()
-    if keys:
-        columns = (QueryRecord.client, QueryRecord.request_key, QueryRecord.position)
-        found = session.execute(select(*columns).where(tuple_(*columns).in_(list(keys))))
-        held_keys = {tuple(row) for row in found}
-    fresh = []
-    for row in rows:
-        place = _request_place(row)
-        if row["id"] in held_ids or (row["request_key"] is not None and place in held_keys):
-            continue
-        held_ids.add(row["id"])
-        if row["request_key"] is not None:
-            held_keys.add(place)
-        fresh.append(row)
-    if fresh:
-        session.execute(insert(QueryRecord), fresh)
-    return {row["id"] for row in fresh}
-
-
-def _request_place(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["client"], row["request_key"], row["position"])
-
-
-def _describe(rows: list[dict[str, Any]], limit: int = 5) -> str:
-    """Which rows, for a log line: their clients and idempotency keys (never the images)."""
-    places = sorted({(row["client"], row["request_key"]) for row in rows}, key=repr)
-    named = ", ".join(f"{client!r} key {key!r}" for client, key in places[:limit])
-    more = f" and {len(places) - limit} more" if len(places) > limit else ""
-    return f"{len(rows)} rows of {named}{more}"
-
-
-def image_sha256(image: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
-
-
-def _to_row(query: PendingQuery, store_input: bool) -> dict[str, Any]:
-    image = np.ascontiguousarray(query.image)
-    return {
-        "id": query.id,
-        "client": query.client,
-        "created_at": query.created_at,
-        "input_sha256": query.input_sha256 or image_sha256(image),
-        "input_shape": query.input_shape,
-        "input_png": encode_png(image) if store_input else None,
-        "predicted": query.predicted,
-        "payload": query.payload,
-        "latency_ms": query.latency_ms,
-        "granularity": query.granularity,
-        "scores": query.scores,
-        "statistics": query.statistics,
-        "request_key": query.request_key,
-        "position": query.position,
-    }
-
-
-@dataclass
-class _Unit:
-    """One request's rows: committed together or not at all."""
-
-    queries: list[PendingQuery]
-    alerts: list[PendingAlert]
-    done: Future[None] = field(default_factory=Future)
-    rows: list[dict[str, Any]] | None = None
-    """The queries as table rows, built once (PNG encoding is the costly part) by the writer."""
-
-
-class Moved(NamedTuple):
-    taken: int
-    """Rows and alerts that left the spool."""
-    written: int
-    """Query rows the database did not hold yet."""
-    alerts: int
-
-
-class Spool:
-    """A local SQLite file that keeps buffered rows while the database is away.
-
-    Rows reach it only when a write to the database fails, and leave it, oldest first, once
-    the database answers again, after a restart too: a process killed during an outage loses
-    nothing it had answered. Moving rows out cannot be one transaction across two databases,
-    so a crash between the two commits would move a batch twice; query rows are skipped when
-    already there, by id or by idempotency key (alerts, having neither, could be doubled).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        # synchronous=NORMAL: a spooled row then survives the process being killed, which is
-        # what the spool is for, but not a power cut; buffered mode answers before its rows
-        # are anywhere, so FULL's extra flush per write would buy it nothing it promises.
-        self.engine = make_engine(f"sqlite:///{path}", durable=False)
-        self._add_new_columns()
-        init_db(self.engine)  # the log's own tables, in a local file
-
-    def _add_new_columns(self) -> None:
-        """Add to a spool an older version left the nullable columns added since (such as
-        ``queries.statistics``): its rows are answered queries that must still reach the
-        database, and the spool is this server's own file, so it is upgraded, not refused."""
-        inspector = inspect(self.engine)
-        with self.engine.begin() as connection:
-            for table in (QueryRecord.__table__, AlertRecord.__table__):
-                if not inspector.has_table(table.name):
-                    continue
-                present = {column["name"] for column in inspector.get_columns(table.name)}
-                for column in table.columns:
-                    if column.name in present or not column.nullable:
-                        continue
-                    kind = column.type.compile(dialect=self.engine.dialect)
-                    connection.execute(
-                        text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
-                    )
-
-    def put(self, rows: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> int:
-        """Keep rows and alerts; how many were kept.
-
-        A row the spool holds already, by id or by (client, request_key, position), is
-        skipped with a warning: an idempotent request answered twice during the outage (by
-        two workers, or before and after a restart) is one request, and would otherwise
-        fail every write to the spool from then on.
-        """
-        with Session(self.engine) as session, session.begin():
-            kept = insert_new_queries(session, rows)
-            if alerts:
-                session.execute(insert(AlertRecord), alerts)
-        if len(kept) < len(rows):
-            skipped = [row for row in rows if row["id"] not in kept]
-            log.warning("query log spool: %s were spooled already; skipped", _describe(skipped))
-        return len(kept) + len(alerts)
-
-    def count(self) -> int:
-        with Session(self.engine) as session:
-            queries = session.scalar(select(func.count()).select_from(QueryRecord)) or 0
-            alerts = session.scalar(select(func.count()).select_from(AlertRecord)) or 0
-            return int(queries + alerts)
-
-    def move_into(self, engine: Engine, batch: int = 1000) -> Moved:
-        """Move up to ``batch`` rows and alerts into ``engine``'s log.
-
-        Rows the log holds already, by id or by (client, request_key, position), are skipped
-        (with a warning) and leave the spool all the same: a move that a crash interrupted,
-        or a request another replica logged first, never blocks the rows behind it.
-        """
-        with Session(self.engine) as spool:
-            rows = [
-                dict(r._mapping)
-                for r in spool.execute(
-                    select(QueryRecord.__table__).order_by(QueryRecord.created_at).limit(batch)
-                )
-            ]
-            alerts = [
-                dict(r._mapping)
-                for r in spool.execute(
-                    select(AlertRecord.__table__).order_by(AlertRecord.id).limit(batch)
-                )
-            ]
-        if not rows and not alerts:
-            return Moved(0, 0, 0)
-        ids = [row["id"] for row in rows]
-        with Session(engine) as session, session.begin():
-            written = insert_new_queries(session, rows)
-            if alerts:  # without the spool's ids: the database numbers its own
-                session.execute(
-                    insert(AlertRecord),
-                    [{k: v for k, v in a.items() if k != "id"} for a in alerts],
-                )
-        with Session(self.engine) as spool, spool.begin():
-            spool.execute(delete(QueryRecord).where(QueryRecord.id.in_(ids)))
-            spool.execute(delete(AlertRecord).where(AlertRecord.id.in_([a["id"] for a in alerts])))
-        if len(written) < len(rows):
-            skipped = [row for row in rows if row["id"] not in written]
-            log.warning(
-                "query log spool: %s were in the database already; skipped", _describe(skipped)
-            )
-        return Moved(len(rows) + len(alerts), len(written), len(alerts))
-
-    def close(self) -> None:
-        self.engine.dispose()
 
 
 _STOP = object()
@@ -773,168 +489,3 @@ async def wait_for_commit(done: Future[None], timeout_s: float) -> None:
         await asyncio.wait_for(asyncio.shield(waiting), timeout_s)
     except TimeoutError:
         raise LogUnavailable(f"the query log did not commit within {timeout_s:g} s") from None
-
-
-def fetch_request(engine: Engine, client: str, request_key: str) -> list[dict[str, Any]]:
-    """The logged rows of one client's idempotent request, in the request's order."""
-    statement = (
-        select(
-            QueryRecord.id,
-            QueryRecord.input_sha256,
-            QueryRecord.payload,
-            QueryRecord.granularity,
-        )
-        .where(QueryRecord.client == client, QueryRecord.request_key == request_key)
-        .order_by(QueryRecord.position)
-    )
-    with Session(engine) as session:
-        return [dict(row._mapping) for row in session.execute(statement)]
-
-
-def request_logged(engine: Engine, client: str, request_key: str) -> bool:
-    """Whether one client's idempotent request has rows in the log (one index lookup)."""
-    statement = (
-        select(QueryRecord.id)
-        .where(QueryRecord.client == client, QueryRecord.request_key == request_key)
-        .limit(1)
-    )
-    with Session(engine) as session:
-        return session.scalar(statement) is not None
-
-
-def record_to_dict(record: QueryRecord, include_input: bool = False) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "id": record.id,
-        "client": record.client,
-        "time": record.created_at.isoformat(),
-        "input_sha256": record.input_sha256,
-        "input_shape": record.input_shape,
-        "predicted": record.predicted,
-        "payload": record.payload,
-        "latency_ms": round(record.latency_ms, 3),
-        "granularity": record.granularity,
-        "scores": record.scores,
-        "statistics": record.statistics,
-    }
-    if include_input:
-        png = record.input_png
-        row["input_png_base64"] = base64.b64encode(png).decode("ascii") if png else None
-    return row
-
-
-def fetch_queries(
-    engine: Engine,
-    *,
-    client: str | None = None,
-    since: datetime | None = None,
-    limit: int | None = 100,
-    offset: int = 0,
-    newest_first: bool = False,
-    include_input: bool = False,
-) -> list[dict[str, Any]]:
-    statement = select(QueryRecord)
-    if not include_input:
-        statement = statement.options(defer(QueryRecord.input_png))
-    if client is not None:
-        statement = statement.where(QueryRecord.client == client)
-    if since is not None:
-        statement = statement.where(QueryRecord.created_at >= since)
-    order = QueryRecord.created_at.desc() if newest_first else QueryRecord.created_at
-    statement = statement.order_by(order, QueryRecord.id).offset(offset)
-    if limit is not None:
-        statement = statement.limit(limit)
-    with Session(engine) as session:
-        return [record_to_dict(r, include_input) for r in session.scalars(statement)]
-
-
-def fetch_statistics(
-    engine: Engine, clients: Sequence[str], *, limit: int = 300
-) -> list[dict[str, Any]]:
-    """The decision statistics of ``clients``' newest ``limit`` queries, newest first, for
-    those that have them (a query the monitor did not see has none): the column alone."""
-    if not clients:
-        return []
-    statement = (
-        select(QueryRecord.statistics)
-        .where(QueryRecord.client.in_(list(clients)))
-        .order_by(QueryRecord.created_at.desc(), QueryRecord.id)
-        .limit(limit)
-    )
-    with Session(engine) as session:
-        return [row for row in session.scalars(statement) if isinstance(row, dict)]
-
-
-def count_queries(engine: Engine, client: str | None = None, since: datetime | None = None) -> int:
-    statement = select(func.count()).select_from(QueryRecord)
-    if client is not None:
-        statement = statement.where(QueryRecord.client == client)
-    if since is not None:
-        statement = statement.where(QueryRecord.created_at >= since)
-    with Session(engine) as session:
-        return int(session.scalar(statement) or 0)
-
-
-def fetch_alerts(
-    engine: Engine,
-    *,
-    client: str | None = None,
-    account: str | None = None,
-    level: str | None = None,
-    since: datetime | None = None,
-    limit: int | None = 100,
-) -> list[dict[str, Any]]:
-    statement = select(AlertRecord)
-    if client is not None:
-        statement = statement.where(AlertRecord.client == client)
-    if account is not None:
-        statement = statement.where(AlertRecord.account == account)
-    if level is not None:
-        statement = statement.where(AlertRecord.level == level)
-    if since is not None:
-        statement = statement.where(AlertRecord.created_at >= since)
-    statement = statement.order_by(AlertRecord.created_at, AlertRecord.id)
-    if limit is not None:
-        statement = statement.limit(limit)
-    with Session(engine) as session:
-        return [
-            {
-                "id": a.id,
-                "client": a.client,
-                "level": a.level,
-                "account": a.account,
-                "detector": a.detector,
-                "time": a.created_at.isoformat(),
-                "query_count": a.query_count,
-                "score": a.score,
-                "threshold": a.threshold,
-                "action": a.action,
-            }
-            for a in session.scalars(statement)
-        ]
-
-
-def logged_flags(
-    engine: Engine, client: str, account: str | None, action: str
-) -> dict[str, list[str]]:
-    """The detectors whose logged alerts, acted on with ``action``, flagged ``client`` on its
-    own queries (``"key"``) or, when ``account`` is given (a shared one), the account on its
-    keys' queries together (``"account"``); each level's detectors in the order they alarmed,
-    and only the levels that have one. The log keeps what a state store may lose (a Redis
-    restarted without persistence), so that a flagged client stays flagged."""
-    condition = (AlertRecord.level == "key") & (AlertRecord.client == client)
-    if account is not None:
-        condition = condition | (
-            (AlertRecord.level == "account") & (AlertRecord.account == account)
-        )
-    first = func.min(AlertRecord.id)
-    statement = (
-        select(AlertRecord.level, AlertRecord.detector)
-        .where(condition, AlertRecord.action == action)
-        .group_by(AlertRecord.level, AlertRecord.detector)
-        .order_by(first)
-    )
-    flags: dict[str, list[str]] = {}
-    with Session(engine) as session:
-        for level, detector in session.execute(statement):
-            flags.setdefault(level, []).append(detector)
-    return flags
