@@ -23,6 +23,7 @@ from defense.detectors import load_detector
 from defense.monitor import Monitor, Policy
 from defense.perturb import Perturbation
 from defense.state import MemoryStore, RedisStore, connect_redis
+from server.api import admin_router, public_router
 from server.dashboard import router as dashboard_router
 from server.db import init_db, make_engine
 from server.errors import error_response, install_error_handlers
@@ -32,7 +33,6 @@ from server.keys import KeyStore
 from server.metrics import MetricsMiddleware, ServiceMetrics
 from server.querylog import LogMode, LogUnavailable, QueryLogWriter
 from server.ratelimit import InFlight, LimitSpec, MemoryRateLimiter, RedisRateLimiter
-from server.routes import admin_router, public_router
 from server.settings import ServerSettings, parse_deception
 from server.shaping import Granularity
 from server.state import CountRejections, MonitorThreads, ServiceState

@@ -38,11 +38,12 @@ from server.adminauth import (
     token_matches,
     unauthorized,
 )
+from server.api.deps import require_admin
+from server.api.docs import admin_errors
 from server.errors import ApiError
 from server.inputs import media_type
 from server.keys import KeyInfo
 from server.querylog import count_queries, fetch_alerts, fetch_queries, fetch_statistics
-from server.routes import admin_errors, require_admin
 from server.settings import ServerSettings
 from server.state import ServiceState, get_state
 

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import select, update
 
+from server.api.admin import NewKey
 from server.db import AdminSession, utcnow
-from server.routes import NewKey
 from server.settings import ServerSettings
 from tests.helpers import ADMIN_TOKEN, REDIS_URL, bearer
 
