@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from defense.detectors import Observation
 from defense.monitor import (
+    Alert,
     ClientStatus,
     Level,
     Policy,
@@ -40,7 +41,6 @@ from server.keys import Client
 from server.querylog import (
     DuplicateRequest,
     LogMode,
-    PendingAlert,
     PendingQuery,
     fetch_request,
     logged_flags,
@@ -436,13 +436,13 @@ async def infer_and_log(
     granularity = client.granularity or state.granularity
     scores: list[dict[str, float | None]] | None = None
     statistics: list[dict[str, Any]] | None = None
-    alerts: list[PendingAlert] = []
+    alerts: list[Alert] = []
     if state.monitor is not None:
         observation = Observation(batch.images, output.logits, output.probs, output.features)
         verdict, flagged = await _observe(state, client, observation)
         if verdict is not None:
             scores, statistics = verdict.scores, verdict.statistics
-            alerts = [PendingAlert(**asdict(alert)) for alert in verdict.alerts]
+            alerts = verdict.alerts
             for alert in verdict.alerts:
                 state.metrics.alerts.labels(alert.detector, alert.action).inc()
         if flagged and state.monitor.policy is Policy.deceive:

@@ -20,13 +20,13 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from defense.monitor import Alert
 from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.db import init_db, make_engine
 from server.querylog import (
     LogUnavailable,
-    PendingAlert,
     QueryLogWriter,
     Spool,
     _to_row,
@@ -320,8 +320,8 @@ def test_a_durable_request_is_refused_when_its_commit_hangs_and_the_service_reco
 # ------------------------------------------------------ alerts of refused requests
 
 
-def alert_for(client: str) -> PendingAlert:
-    return PendingAlert(
+def alert_for(client: str) -> Alert:
+    return Alert(
         client=client,
         detector="prada",
         created_at=datetime.now(UTC),

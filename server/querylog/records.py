@@ -10,13 +10,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from mlaas.wire import encode_png
+
+if TYPE_CHECKING:  # typing only: importing the monitor would load scipy for the log alone
+    from defense.monitor import Alert
 
 
 class LogMode(StrEnum):
@@ -50,19 +53,6 @@ class PendingQuery:
     request_key: str | None = None  # the request's Idempotency-Key
     position: int | None = None  # the image's place in its request
     input_sha256: str | None = None  # when the handler has computed it already
-
-
-@dataclass
-class PendingAlert:
-    client: str
-    detector: str
-    created_at: datetime
-    query_count: int
-    score: float
-    threshold: float
-    action: str
-    level: str = "key"  # or "account": an alarm on the key's account's queries together
-    account: str | None = None
 
 
 def is_outage(error: BaseException) -> bool:
@@ -114,7 +104,7 @@ class _Unit:
     """One request's rows: committed together or not at all."""
 
     queries: list[PendingQuery]
-    alerts: list[PendingAlert]
+    alerts: list[Alert]  # written as they are: their fields are the alerts table's columns
     done: Future[None] = field(default_factory=Future)
     rows: list[dict[str, Any]] | None = None
     """The queries as table rows, built once (PNG encoding is the costly part) by the writer."""

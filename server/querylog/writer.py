@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert
 from sqlalchemy.engine import Engine
@@ -26,7 +26,6 @@ from server.querylog.records import (
     DuplicateRequest,
     LogMode,
     LogUnavailable,
-    PendingAlert,
     PendingQuery,
     _describe,
     _to_row,
@@ -34,6 +33,9 @@ from server.querylog.records import (
     is_outage,
 )
 from server.querylog.spool import Spool, insert_new_queries
+
+if TYPE_CHECKING:  # at run time alerts are whatever is not a PendingQuery: no scipy to load
+    from defense.monitor import Alert
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ class QueryLogWriter:
         """Alerts of failed commits that wait for the database."""
         return len(self._kept_alerts)
 
-    def submit(self, items: Sequence[PendingQuery | PendingAlert]) -> Future[None]:
+    def submit(self, items: Sequence[PendingQuery | Alert]) -> Future[None]:
         """Queue one request's rows; the future completes when they are safe.
 
         In durable mode that is their commit, and the future fails with
@@ -148,7 +150,7 @@ class QueryLogWriter:
             raise LogUnavailable(
                 f"the query log buffer is full ({self._pending_rows} rows wait for the database)"
             )
-        unit = _Unit(queries, [a for a in items if isinstance(a, PendingAlert)])
+        unit = _Unit(queries, [a for a in items if not isinstance(a, PendingQuery)])
         with self._count_lock:
             self._pending_rows += len(queries)
         self._queue.put(unit)
