@@ -7,7 +7,6 @@ test knows exactly what the client went through.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlaas.serverproc import free_port
+from tests.helpers import wait_until
 
 
 class FaultProxy:
@@ -80,8 +80,8 @@ class FaultProxy:
         )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        while not server.started:
-            time.sleep(0.01)
+        # uvicorn exits its thread when it cannot bind: give up rather than spin for ever.
+        wait_until(lambda: server.started, 10, interval=0.01, what="the fault proxy to listen")
         try:
             yield self
         finally:

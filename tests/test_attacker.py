@@ -34,7 +34,7 @@ from mlaas.wire import ClassScore, Prediction
 from server.db import make_engine
 from server.querylog import count_queries
 from tests.faultproxy import FaultProxy
-from tests.helpers import ADMIN_TOKEN
+from tests.helpers import ADMIN_TOKEN, wait_until
 
 pytestmark = pytest.mark.slow
 FAST = {"epochs": 2, "eval_size": 300}
@@ -66,13 +66,14 @@ def new_key(live, granularity: str | None = None) -> tuple[str, str]:
 
 def answered(live, client: str) -> int:
     """Rows in the provider's log for ``client``, once the writer has caught up."""
-    deadline = time.monotonic() + 10
-    while True:
-        stats = live.admin.stats()
-        if stats["log_rows_pending"] == 0 or time.monotonic() > deadline:
-            time.sleep(0.15)  # the writer's current batch
-            return count_queries(make_engine(live.database), client)
-        time.sleep(0.05)
+    wait_until(
+        lambda: live.admin.stats()["log_rows_pending"] == 0,
+        10,
+        interval=0.05,
+        what="no rows pending",
+    )
+    time.sleep(0.15)  # the writer's current batch
+    return count_queries(make_engine(live.database), client)
 
 
 def test_budget_is_exact_and_a_rerun_resumes_from_the_cache(live, tmp_path) -> None:
@@ -155,9 +156,7 @@ def test_a_killed_client_restarts_and_the_server_answers_exactly_the_budget(live
     name, key = new_key(live)
     out = tmp_path / "killed"
     first = _attack_cli(live.url, key, out, "--throttle", "150")
-    deadline = time.monotonic() + 60
-    while _cached_answers(out) < 100 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: _cached_answers(out) >= 100, 60, interval=0.05, what="100 cached answers")
     first.send_signal(signal.SIGKILL)  # no chance to clean up
     first.wait()
     interrupted_at = _cached_answers(out)
@@ -193,7 +192,8 @@ def test_connection_errors_are_retried_until_the_server_is_up(live) -> None:
     result: dict[str, object] = {}
     worker = threading.Thread(target=lambda: result.update(answers=client.query(images)))
     worker.start()
-    time.sleep(0.5)  # nothing listens on the proxy's port yet: connection refused
+    # Nothing listens on the proxy's port yet: the client's first tries are refused.
+    wait_until(lambda: client.retries >= 1, 10, what="a refused connection retried")
     with proxy.running():
         worker.join(30)
     assert len(result["answers"]) == 5 and client.retries >= 1

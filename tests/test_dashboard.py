@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
 from mlaas.serverproc import ServerProcess
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
-from tests.helpers import ADMIN_TOKEN
+from tests.helpers import ADMIN_TOKEN, wait_until
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).parent.parent / "var" / "test-artifacts"
@@ -50,13 +49,13 @@ def chrome():
 
 
 def wait_for(browser, predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate(browser)
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"the page never showed it; it shows:\n{browser.page_source[:3000]}")
+    """``wait_until`` on the page, with what the page does show when it times out."""
+    try:
+        return wait_until(lambda: predicate(browser), timeout, interval=0.2, what="the page")
+    except AssertionError as timed_out:
+        raise AssertionError(
+            f"the page never showed it; it shows:\n{browser.page_source[:3000]}"
+        ) from timed_out
 
 
 def log_in(browser, url: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,7 @@ from mlaas.serverproc import ServerProcess
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.db import QueryRecord, make_engine
 from server.querylog import count_queries
-from tests.helpers import ADMIN_TOKEN, bearer, create_key
+from tests.helpers import ADMIN_TOKEN, bearer, create_key, wait_until
 from tests.services import PrivatePostgres, PrivateRedis
 
 pytestmark = pytest.mark.slow
@@ -42,13 +41,6 @@ def predict(client: TestClient, key: str, batch: np.ndarray, **headers: str):
         content=encode_npy(batch),
         headers={**bearer(key), "Content-Type": NPY_MEDIA_TYPE, **headers},
     )
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------- the database
@@ -74,7 +66,7 @@ def test_database_down_fails_closed_and_recovers_without_restart(
     assert client.get("/readyz").status_code == 503
 
     private_postgres.restart()
-    wait_for(lambda: client.get("/readyz").status_code == 200)
+    wait_until(lambda: client.get("/readyz").status_code == 200, 20, what="/readyz to say 200")
     assert predict(client, key, images[40:45]).status_code == 200
     answered += 5
     assert count_queries(client.app.state.service.engine, "steady") == answered
@@ -100,7 +92,7 @@ def test_database_lost_between_authentication_and_logging_refuses_the_answer(
     assert refused.json()["error"]["code"] == "query_log_unavailable"
     service.batcher.submit = real_submit
     private_postgres.restart()
-    wait_for(lambda: client.get("/readyz").status_code == 200)
+    wait_until(lambda: client.get("/readyz").status_code == 200, 20, what="/readyz to say 200")
     assert count_queries(service.engine, "unlucky") == 0  # the refused answer left no row
     assert predict(client, key, images[:3]).status_code == 200
     assert count_queries(service.engine, "unlucky") == 3
@@ -121,12 +113,13 @@ def test_buffered_logging_answers_through_an_outage_and_loses_nothing(
     ready = client.get("/readyz")
     assert ready.status_code == 200 and "buffered" in ready.json()["degraded"][0]
     service = client.app.state.service
-    wait_for(lambda: service.writer.spooled == 15)  # parked on local disk
+    # parked on local disk
+    wait_until(lambda: service.writer.spooled == 15, 20, what="15 rows in the spool")
     assert service.writer.pending == 0
     assert predict(client, "mlk_unknown", images[:1]).status_code == 503  # no new keys
 
     private_postgres.restart()
-    wait_for(lambda: service.writer.spooled == 0)
+    wait_until(lambda: service.writer.spooled == 0, 20, what="an empty spool")
     assert count_queries(service.engine, "buffered") == 2 + 15
     assert client.get("/readyz").json()["degraded"] == []
 
@@ -155,14 +148,18 @@ def test_buffered_answers_survive_a_crash_during_the_outage(
         spool = tmp_path / "var" / "querylog-spool.db"
         with AdminClient(server.url, ADMIN_TOKEN) as admin:
             # The first two may have reached PostgreSQL before it stopped, or the spool.
-            wait_for(lambda: admin.stats()["log_rows_spooled"] >= 20)
+            wait_until(lambda: admin.stats()["log_rows_spooled"] >= 20, 20, what="20 rows spooled")
             assert admin.stats()["log_rows_pending"] == 0
         server.kill()  # during the outage: the answered rows are only in the spool
         private_postgres.restart()
         server = ServerProcess(
             tiny_victim, port=server.port, env=env, log_file=tmp_path / "serve.log"
         ).start()
-        wait_for(lambda: count_queries(make_engine(private_postgres.url), "crasher") == 22)
+        wait_until(
+            lambda: count_queries(make_engine(private_postgres.url), "crasher") == 22,
+            20,
+            what="22 logged rows of crasher",
+        )
     finally:
         server.stop()
     assert _spooled(spool) == 0
@@ -315,7 +312,7 @@ def test_server_killed_mid_attack_and_restarted(tiny_victim, tmp_path, images) -
     worker = threading.Thread(target=attack)
     worker.start()
     try:
-        wait_for(lambda: attacker.cache.answered_count() >= 100, timeout=60)
+        wait_until(lambda: attacker.cache.answered_count() >= 100, 60, what="100 cached answers")
         server.kill()  # SIGKILL: batches in flight, no shutdown, no flush
         killed_at = attacker.cache.answered_count()
         server = ServerProcess(
@@ -353,7 +350,7 @@ def test_clients_that_hang_up_leave_whole_requests_or_nothing(
             time.sleep(0.02)
         with AdminClient(server.url, ADMIN_TOKEN) as admin:
             time.sleep(0.5)  # requests whose bodies arrived are still being answered
-            wait_for(lambda: admin.stats()["log_rows_pending"] == 0)
+            wait_until(lambda: admin.stats()["log_rows_pending"] == 0, 20, what="no rows pending")
         rows, _ = _logged_inputs(env["MLAAS_DATABASE_URL"], "flaky")
         # Half-sent bodies were never answered; whole ones may have been, seven rows each.
         assert rows % 7 == 0 and rows <= 6 * 7

@@ -10,7 +10,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,20 +37,13 @@ from server.querylog import (
     wait_for_commit,
 )
 from server.settings import ServerSettings
-from tests.helpers import bearer, create_key
+from tests.helpers import bearer, create_key, wait_until
 from tests.services import PrivatePostgres
 from tests.test_querylog import pending
 
 
 def rows_of(client: str, n: int, request_key: str | None = None) -> list[dict]:
     return [_to_row(query, store_input=False) for query in pending(client, n, request_key)]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -128,7 +121,7 @@ def test_two_buffered_workers_answering_one_request_during_an_outage(tmp_path, c
     workers[1].submit(pending("bob", 2)).result(timeout=10)  # the spool still takes rows
     assert sum(w.spooled for w in workers) == 5 and all(w.pending == 0 for w in workers)
     init_db(engine)
-    wait_for(lambda: not any(w.spooled for w in workers))
+    wait_until(lambda: not any(w.spooled for w in workers), 20, what="every spool drained")
     for worker in workers:
         worker.close()
     assert count_queries(engine, "alice") == 3 and count_queries(engine, "bob") == 2
@@ -181,7 +174,7 @@ def test_a_row_the_database_refuses_is_a_warning_once_not_a_silent_loop(
         return move(*args, **kwargs)
 
     writer._spool.move_into = counted  # type: ignore[method-assign,union-attr]
-    wait_for(lambda: attempts >= 5)
+    wait_until(lambda: attempts >= 5, 20, what="five attempts")
     writer.close(timeout=0.1)
     reports = warnings_of(caplog, "moving rows into the database failed")
     assert len(reports) == 1 and "StringDataRightTruncation" in reports[0]
@@ -308,7 +301,8 @@ def test_a_durable_request_is_refused_when_its_commit_hangs_and_the_service_reco
         connection.rollback()  # the database answers again
     locker.dispose()
     engine = client.app.state.service.engine
-    wait_for(lambda: count_queries(engine, "patient") == 5)  # the late commit stayed
+    # the late commit stayed
+    wait_until(lambda: count_queries(engine, "patient") == 5, 20, what="5 rows of patient")
     retried = predict(client, key, images[2:5], **{"Idempotency-Key": "late-1"})
     assert retried.status_code == 200 and retried.headers["idempotent-replayed"] == "true"
     logged = [row["id"] for row in fetch_request(engine, "patient", "late-1")]
@@ -346,7 +340,7 @@ def test_the_alert_of_a_commit_that_failed_is_written_once_the_database_is_back(
         refused.result(timeout=20)
     assert writer.alerts_waiting == 1
     private_postgres.start()
-    wait_for(lambda: writer.alerts_waiting == 0)
+    wait_until(lambda: writer.alerts_waiting == 0, 20, what="no alerts waiting")
     writer.close()
     alerts = fetch_alerts(engine, client="mallory")
     assert [(a["detector"], a["action"], a["query_count"]) for a in alerts] == [

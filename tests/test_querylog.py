@@ -22,6 +22,7 @@ from server.querylog import (
     fetch_queries,
     fetch_request,
 )
+from tests.helpers import wait_until
 
 
 def pending(client: str, n: int, request_key: str | None = None) -> list[PendingQuery]:
@@ -87,16 +88,17 @@ def test_a_duplicate_request_fails_alone_in_its_group_commit(tmp_path) -> None:
     writer = QueryLogWriter(engine, mode="durable")
     writer.submit(pending("alice", 3, request_key="k1")).result(timeout=10)
     # Hold the writer on a first unit so that the next three are committed as one group.
-    gate = threading.Event()
+    gate, holding = threading.Event(), threading.Event()
     original = writer._insert
 
     def held(units):
+        holding.set()
         gate.wait(10)
         return original(units)
 
     writer._insert = held  # type: ignore[method-assign]
     first = writer.submit(pending("carol", 1))
-    time.sleep(0.1)
+    wait_until(holding.is_set, 10, what="the writer held on the first unit")
     group = [
         writer.submit(pending("bob", 2)),
         writer.submit(pending("alice", 3, request_key="k1")),  # already logged
@@ -120,9 +122,7 @@ def test_buffered_failed_writes_are_retried_not_dropped(tmp_path) -> None:
         engine, mode="buffered", flush_rows=8, flush_interval_s=0.01, max_retry_delay_s=0.05
     )
     done = writer.submit(pending("alice", 5))  # no tables yet: every insert fails
-    deadline = time.monotonic() + 10
-    while writer.write_errors < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: writer.write_errors >= 2, 10, interval=0.01, what="two failed writes")
     assert writer.write_errors >= 2 and writer.written == 0 and not done.done()
     assert writer.pending == 5
     init_db(engine)  # the database comes back
@@ -145,9 +145,7 @@ def test_buffered_rows_wait_in_the_spool_and_move_when_the_database_returns(tmp_
         future.result(timeout=10)  # safe in the spool: no tables in the database yet
     assert writer.spooled == 7 and writer.pending == 0 and writer.written == 0
     init_db(engine)  # the database comes back
-    deadline = time.monotonic() + 10
-    while writer.spooled and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not writer.spooled, 10, what="the spool drained into the database")
     writer.submit(pending("carol", 2)).result(timeout=10)  # straight to the database now
     writer.close()
     assert count_queries(engine, "alice") == 4 and count_queries(engine, "bob") == 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
+from tests.helpers import wait_until
 from tests.services import PrivatePostgres, PrivateRedis, StopMode, new_or_skip
 
 
@@ -40,13 +40,6 @@ def _children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(entry.name))
     return found
-
-
-def _wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while (alive := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return alive
 
 
 def _port_refuses(port: int) -> bool:
@@ -159,7 +152,12 @@ def test_postgres_close_leaves_nothing(private_postgres_template: Path) -> None:
             processes = [pid, *_children(pid)]
             assert len(processes) > 1  # checkpointer, walwriter, this backend...
     engine.dispose()
-    assert _wait_gone(processes) == []
+    wait_until(
+        lambda: not any(_alive(pid) for pid in processes),
+        10,
+        interval=0.05,
+        what=f"processes {processes} to be gone",
+    )
     assert _port_refuses(port)
     assert not base.exists()
 
