@@ -18,6 +18,13 @@ train_if_missing() {
 case "$1" in
     serve)
         shift
+        # No default secret: a served API needs the operator's own admin token (the server
+        # refuses one under 32 characters).
+        if [ -z "${MLAAS_ADMIN_TOKEN:-}" ]; then
+            echo "set MLAAS_ADMIN_TOKEN (32+ characters) before serving, e.g. in .env:" >&2
+            echo "  MLAAS_ADMIN_TOKEN=\$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')" >&2
+            exit 1
+        fi
         train_if_missing
         exec mlaas serve --victim "$victim" --host 0.0.0.0 --port 8000 \
             --workers "${MLAAS_WORKERS:-1}" "$@"

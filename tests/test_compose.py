@@ -60,13 +60,23 @@ def test_compose_file_passes_docker_compose_config(monkeypatch, tmp_path: Path) 
     assert settings.admin_token is not None and not settings.secure_cookies
 
 
-def test_compose_refuses_to_start_without_an_admin_token(tmp_path: Path) -> None:
-    """No default token: one published in this file would open every deployment of it."""
+def test_the_api_refuses_to_start_without_an_admin_token(tmp_path: Path) -> None:
+    """No default token: one published in the compose file would open every deployment of it.
+    `docker-compose config` (and the other services) work without one; the API does not."""
     for variables in ({}, {"MLAAS_ADMIN_TOKEN": ""}):
         result = compose_config(tmp_path, **variables)
-        assert result.returncode != 0, result.stdout
-        assert "set MLAAS_ADMIN_TOKEN" in result.stderr, result.stderr
-        assert "token_urlsafe(32)" in result.stderr  # and how to make one
+        assert result.returncode == 0, result.stderr
+        assert not yaml.safe_load(result.stdout)["services"]["api"]["environment"].get(
+            "MLAAS_ADMIN_TOKEN"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLAAS_")} | variables
+        served = subprocess.run(
+            ["sh", str(ROOT / "docker" / "entrypoint.sh"), "serve"],
+            capture_output=True, text=True, timeout=30, env=env,
+        )  # fmt: skip
+        assert served.returncode == 1, served.stderr
+        assert "set MLAAS_ADMIN_TOKEN" in served.stderr  # before training or serving anything
+        assert "token_urlsafe(32)" in served.stderr  # and how to make one
 
 
 def test_the_image_runs_the_readmes_steps() -> None:
