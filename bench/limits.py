@@ -1,7 +1,7 @@
 """What an abusive key can cost the server: memory for fresh idempotency keys, decoding when over
 its limit.
 
-    .venv/bin/python bench/limits.py [--requests 10000] [--images 32] [--bodies 20]
+    .venv/bin/python -m bench.limits [--requests 10000] [--images 32] [--bodies 20]
 
 Starts one ``mlaas serve`` on loopback (SQLite log, durable, inputs stored), then measures:
 
@@ -17,8 +17,7 @@ Starts one ``mlaas serve`` on loopback (SQLite log, durable, inputs stored), the
    bodies are read and decoded (256 images of 200x200x3, a 30.7 MB ``.npy``).
 
 Figures, not a test: it never fails on a number. The victim is ``--victim`` when it exists,
-else a small one trained for the purpose in a few seconds (memory and decoding do not depend
-on the model).
+else a random-init cnn-small (memory and decoding do not depend on what the model learnt).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from bench.serve import process_cpu_s, random_images, save_victim
 from mlaas.apiclient import AdminClient
 from mlaas.images import InputShape
 from mlaas.serverproc import ServerProcess
@@ -53,27 +53,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # USER_HZ is 100 on Linux
-
-
-def small_victim(directory: Path) -> Path:
-    from mlaas.training import TrainConfig
-    from server.victim import train_victim
-
-    if not (directory / "card.json").exists():
-        train_victim(
-            directory,
-            config=TrainConfig(epochs=1, seed=0),
-            train_size=2000,
-            name="bench-small",
-            progress=False,
-        )
-    return directory
 
 
 async def fresh_keys(url: str, key: str, images: np.ndarray, requests: int, progress) -> int:
@@ -141,8 +120,8 @@ def main() -> None:
         work = Path(scratch)
         victim = args.victim
         if not (victim / "card.json").exists():
-            console.print(f"no victim in {victim}: training a small one for the bench")
-            victim = small_victim(Path("var/victims/bench-small"))
+            console.print(f"no victim in {victim}: serving a random-init cnn-small")
+            victim = save_victim(work / "victim", "cnn-small", InputShape(1, 28, 28), seed=0)
         token = secrets.token_urlsafe(32)
         env = {
             "MLAAS_DATABASE_URL": f"sqlite:///{work / 'mlaas.db'}",
@@ -158,8 +137,7 @@ def main() -> None:
                 over = admin.create_key("over", rate_limit=0.01, rate_burst=256)
                 within = admin.create_key("within")
             rng = np.random.default_rng(0)
-            size = (args.images, shape.height, shape.width, shape.channels)
-            images = rng.integers(0, 256, size, np.uint8)
+            images = random_images(shape, args.images, seed=0)
 
             with Progress(console=console, transient=True) as progress:
                 asyncio.run(fresh_keys(server.url, spender, images, args.warmup, progress))
@@ -172,17 +150,17 @@ def main() -> None:
             after = rss_mb(pid)
 
             # Empty the over-limit key's bucket, then announce 32 MB bodies from it.
-            burst = rng.integers(0, 256, (256, *size[1:]), np.uint8)
+            burst = random_images(shape, 256, seed=1)
             httpx.post(
                 f"{server.url}/v1/predict",
                 content=encode_npy(burst),
                 headers={"Authorization": f"Bearer {over}", "Content-Type": NPY_MEDIA_TYPE},
             ).raise_for_status()
-            cpu = cpu_s(pid)
+            cpu = process_cpu_s(pid)
             refusals = [announce_body(server.url, over, 256) for _ in range(args.bodies)]
-            refused_cpu = (cpu_s(pid) - cpu) / args.bodies
+            refused_cpu = (process_cpu_s(pid) - cpu) / args.bodies
             big = encode_npy(rng.integers(0, 256, (256, 200, 200, 3), np.uint8))
-            cpu = cpu_s(pid)
+            cpu = process_cpu_s(pid)
             with httpx.Client(base_url=server.url, timeout=120) as http:
                 decoded = [
                     http.post(
@@ -195,7 +173,7 @@ def main() -> None:
                     ).status_code
                     for _ in range(args.bodies)
                 ]
-            decoded_cpu = (cpu_s(pid) - cpu) / args.bodies
+            decoded_cpu = (process_cpu_s(pid) - cpu) / args.bodies
 
     table = Table(title="What an abusive key costs the server")
     table.add_column("measure")

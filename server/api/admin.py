@@ -9,7 +9,14 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from defense.monitor import Level, Policy, shared_account
 from server.api.deps import AdminCredentials, require_admin
@@ -46,7 +53,14 @@ def _iso_only(value: object) -> object:
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-IsoTime = Annotated[datetime, BeforeValidator(_iso_only)]
+
+
+def _utc_if_naive(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+IsoTime = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_utc_if_naive)]
+"""An ISO 8601 time; one without a zone is taken as UTC, as the log keeps its times."""
 
 
 class NewKey(BaseModel):
@@ -190,8 +204,6 @@ def list_queries(
     offset: int = Query(default=0, ge=0, le=2**63 - 1),  # a 64-bit SQL integer, else a 500
     include_input: bool = Query(default=False, description="Add each input as base64 PNG"),
 ) -> list[dict[str, Any]]:
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
     return fetch_queries(
         get_state(request).engine,
         client=client,
@@ -244,8 +256,6 @@ def list_alerts(
     since: IsoTime | None = Query(default=None, description="ISO 8601 time, inclusive"),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> list[dict[str, Any]]:
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
     return fetch_alerts(
         get_state(request).engine,
         client=client,
