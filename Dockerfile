@@ -21,6 +21,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY mlaas ./mlaas
+COPY testbed ./testbed
 COPY server ./server
 COPY attacker ./attacker
 COPY defense ./defense

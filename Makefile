@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FASHION_DEB_DIR := /usr/share/datasets/fashion-mnist
 DATA_STAMP := var/data/.fashion-mnist
 
-.PHONY: install data demo test tools lint format bench clean
+.PHONY: install data demo test test-fast tools lint format bench clean
 
 install: $(STAMP) $(DATA_STAMP)
 
@@ -22,16 +22,20 @@ $(DATA_STAMP): | $(STAMP)
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 		|| echo "apt could not install dataset-fashion-mnist; trying torchvision's download"; \
 	fi
-	$(PY) -m mlaas datasets prepare fashion-mnist
+	$(PY) -m testbed datasets prepare fashion-mnist
 	@mkdir -p $(dir $(DATA_STAMP)) && touch $(DATA_STAMP)
 
 data: $(DATA_STAMP)
 
 demo: install
-	$(PY) -m mlaas demo
+	$(PY) -m testbed demo
 
 test: install tools
 	$(PY) -m pytest
+
+# The quick loop while editing: everything but the tests that train models or start servers.
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 # Debian's tools some tests use: docker-compose checks the compose file (no engine needed),
 # chromium and its driver render the dashboard. Installed where apt is (as root), so that a
@@ -50,6 +54,8 @@ tools:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

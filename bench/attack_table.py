@@ -20,8 +20,8 @@ from pathlib import Path
 from attacker.attacks import AttackConfig
 from attacker.runner import run_attack
 from mlaas.apiclient import AdminClient
-from mlaas.serverproc import ServerProcess
-from server.victim import train_victim
+from testbed.serverproc import ServerProcess
+from testbed.victim import train_victim
 
 # (row name, attack, granularity, overrides)
 PLAN = [

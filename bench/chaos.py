@@ -71,10 +71,10 @@ from bench.serve import save_victim
 from mlaas.apiclient import AdminClient
 from mlaas.images import InputShape
 from mlaas.modelstore import load_card
-from mlaas.serverproc import ServerProcess
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.db import QueryRecord, make_engine
 from server.querylog import image_sha256
+from testbed.serverproc import ServerProcess
 from tests.services import PrivatePostgres, PrivateRedis
 
 EVENTS = (

@@ -56,8 +56,8 @@ from mlaas.apiclient import AdminClient
 from mlaas.datasets import load_dataset
 from mlaas.modelstore import load_card, load_model
 from mlaas.plots import tradeoff_plot
-from mlaas.serverproc import ServerProcess
 from mlaas.shifts import SHIFTS
+from testbed.serverproc import ServerProcess
 
 ATTACK_FAMILIES = (
     "natural-crops:photos-a",

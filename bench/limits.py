@@ -40,8 +40,8 @@ from rich.table import Table
 from bench.serve import process_cpu_s, random_images, save_victim
 from mlaas.apiclient import AdminClient
 from mlaas.images import InputShape
-from mlaas.serverproc import ServerProcess
 from mlaas.wire import IMAGE_COUNT_HEADER, NPY_MEDIA_TYPE, encode_npy
+from testbed.serverproc import ServerProcess
 
 BODY_BYTES = 32 * 2**20
 CONCURRENCY = 8

@@ -28,10 +28,10 @@ from defense.detectors import artifact_path
 from mlaas.apiclient import AdminClient
 from mlaas.datasets import load_dataset
 from mlaas.modelstore import load_card
-from mlaas.serverproc import ServerProcess
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.db import make_engine
 from server.querylog import count_queries
+from testbed.serverproc import ServerProcess
 
 
 async def client_loop(

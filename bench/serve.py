@@ -59,11 +59,11 @@ from mlaas.apiclient import AdminClient
 from mlaas.images import InputShape
 from mlaas.models import build_model
 from mlaas.modelstore import ModelCard, save_model
-from mlaas.serverproc import ServerProcess, ServerStartError
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.db import make_engine
 from server.inference import Victim
 from server.querylog import count_queries
+from testbed.serverproc import ServerProcess, ServerStartError
 
 VICTIMS: dict[str, InputShape] = {
     "cnn-small": InputShape(1, 28, 28),

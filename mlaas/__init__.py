@@ -1,8 +1,9 @@
-"""mlaas-testbed's shared package: what the provider and the attacker both use.
+"""mlaas-testbed's core: what the provider, the defense and the attacker all build on.
 
-Datasets, architectures, the training loop, metrics, the wire codec and the ``mlaas`` CLI.
-It imports neither ``server`` nor ``attacker`` at module level; the CLI loads them lazily,
-per subcommand, as the one place where the halves are composed.
+Images, the wire schema and codecs, data sets and benign shifts, architectures, the training
+loop, the model store, plots and the plain API client. It imports no other package of the
+project (checked by import-linter in ``make lint``); the ``mlaas`` command line lives in
+``testbed``, the application layer above everything.
 """
 
 __version__ = "0.1.0"

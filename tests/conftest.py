@@ -26,7 +26,7 @@ def tiny_victim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """cnn-small trained for one epoch on 3,000 Fashion-MNIST images: quick, and far from
     random, so that agreement tests mean something."""
     from mlaas.training import TrainConfig
-    from server.victim import train_victim
+    from testbed.victim import train_victim
 
     directory = tmp_path_factory.mktemp("victim")
     train_victim(

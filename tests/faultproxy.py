@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlaas.serverproc import free_port
+from testbed.serverproc import free_port
 from tests.helpers import wait_until
 
 

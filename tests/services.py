@@ -34,7 +34,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from mlaas.serverproc import free_port
+from testbed.serverproc import free_port
 
 __all__ = [
     "PrivatePostgres",

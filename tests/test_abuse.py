@@ -14,12 +14,12 @@ import redis
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from mlaas.serverproc import ServerProcess
 from mlaas.wire import IMAGE_COUNT_HEADER, NPY_MEDIA_TYPE, encode_npy
 from server.api import admin_router, public_router
 from server.dashboard import router as dashboard_router
 from server.db import ApiKey
 from server.keys import hash_key
+from testbed.serverproc import ServerProcess
 from tests.helpers import ADMIN_TOKEN, REDIS_URL, bearer, create_key
 
 IMAGES = np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8)

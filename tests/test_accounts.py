@@ -20,13 +20,13 @@ from defense.detectors import MaxSoftmax, Observation, save_artifact
 from defense.monitor import Monitor, Policy
 from defense.sequential import Cusum
 from defense.state import MemoryStore, RedisStore
-from mlaas.cli import app
 from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.db import SchemaOutdated, init_db, make_engine
 from server.keys import KeyStore, KeyStoreError
 from server.querylog import fetch_alerts
+from testbed.cli import app
 from tests.helpers import ADMIN_TOKEN, REDIS_URL, bearer, create_key
 
 ADMIN = bearer(ADMIN_TOKEN)

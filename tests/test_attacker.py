@@ -29,10 +29,10 @@ from mlaas.apiclient import AdminClient
 from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
 from mlaas.modelstore import load_model
-from mlaas.serverproc import ServerProcess
 from mlaas.wire import ClassScore, Prediction
 from server.db import make_engine
 from server.querylog import count_queries
+from testbed.serverproc import ServerProcess
 from tests.faultproxy import FaultProxy
 from tests.helpers import ADMIN_TOKEN, wait_until
 

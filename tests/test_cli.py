@@ -8,8 +8,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mlaas.cli import app, parse_since
 from server.settings import ServerSettings
+from testbed.cli import app, parse_since
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 

@@ -16,9 +16,9 @@ from defense.training import train_detectors
 from mlaas.apiclient import AdminClient
 from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
-from mlaas.serverproc import ServerProcess
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.inference import Victim
+from testbed.serverproc import ServerProcess
 from tests.helpers import ADMIN_TOKEN
 
 pytestmark = pytest.mark.slow

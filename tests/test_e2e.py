@@ -16,10 +16,10 @@ import pytest
 
 from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
-from mlaas.serverproc import ServerProcess
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy, encode_png
 from server.db import make_engine
 from server.querylog import count_queries
+from testbed.serverproc import ServerProcess
 from tests.helpers import ADMIN_TOKEN
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mlaas.experiments.config import ExperimentConfig
-from mlaas.experiments.report import write_report
-from mlaas.experiments.runner import check_cell, run_experiment
+from testbed.experiments.config import ExperimentConfig
+from testbed.experiments.report import write_report
+from testbed.experiments.runner import check_cell, run_experiment
 
 SHIPPED = sorted(Path(__file__).parent.parent.joinpath("experiments").glob("*.yaml"))
 
@@ -96,7 +96,7 @@ def test_a_tiny_matrix_runs_resumes_and_records_failures(tmp_path: Path) -> None
 
 
 def test_claims_are_reported_with_their_spread_and_hold_only_in_every_seed() -> None:
-    from mlaas.experiments.report import _spread, _verdict
+    from testbed.experiments.report import _spread, _verdict
 
     assert _verdict([True, True, True]) == "yes, in 3/3 seeds"
     assert _verdict([True]) == "yes"

@@ -20,10 +20,10 @@ from attacker.client import ExtractionClient
 from mlaas.apiclient import AdminClient
 from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
-from mlaas.serverproc import ServerProcess
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.db import QueryRecord, make_engine
 from server.querylog import count_queries
+from testbed.serverproc import ServerProcess
 from tests.helpers import ADMIN_TOKEN, bearer, create_key, wait_until
 from tests.services import PrivatePostgres, PrivateRedis
 

@@ -21,12 +21,12 @@ import pytest
 from mlaas.apiclient import AdminClient
 from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
-from mlaas.serverproc import ServerProcess
 from mlaas.wire import IMAGE_COUNT_HEADER, NPY_MEDIA_TYPE, PredictResponse, encode_npy
 from server.errors import ApiError
 from server.idempotency import IdempotencyCache
 from server.inference import ForwardOutput, MicroBatcher, QueueFull
 from server.ratelimit import InFlight
+from testbed.serverproc import ServerProcess
 from tests.helpers import ADMIN_TOKEN, REDIS_URL, bearer, wait_until
 
 BODY_BYTES = 32 * 2**20

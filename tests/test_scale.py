@@ -9,10 +9,10 @@ import pytest
 from mlaas.apiclient import AdminClient
 from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
-from mlaas.serverproc import ServerProcess
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.db import make_engine
 from server.querylog import count_queries, fetch_alerts, fetch_queries
+from testbed.serverproc import ServerProcess
 from tests.helpers import ADMIN_TOKEN, REDIS_URL
 
 pytestmark = pytest.mark.slow

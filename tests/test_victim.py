@@ -13,7 +13,7 @@ from PIL import Image
 from mlaas.images import InputShape
 from mlaas.modelstore import load_card, load_model
 from mlaas.training import TrainConfig
-from server.victim import default_shape, train_victim
+from testbed.victim import default_shape, train_victim
 
 
 @pytest.mark.slow

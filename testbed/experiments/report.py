@@ -23,7 +23,7 @@ DETECTOR_ORDER = ("ood-binary", "msp", "mahalanobis", "prada")
 def load_records(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict]:
     """The records of the configuration last run in ``out`` (records left by an edited
     configuration have other cell ids and are left out)."""
-    from mlaas.experiments.config import ExperimentConfig
+    from testbed.experiments.config import ExperimentConfig
 
     records = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     if (out / "config.yaml").exists():

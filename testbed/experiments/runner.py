@@ -29,12 +29,12 @@ import yaml
 from rich.console import Console
 
 from mlaas.apiclient import AdminClient
-from mlaas.benign import benign_images, run_benign_client
 from mlaas.datasets import load_dataset
-from mlaas.experiments.config import Cell, DefenseSpec, ExperimentConfig, VictimSpec
 from mlaas.images import InputShape
 from mlaas.modelstore import ModelCard, load_card, write_json_atomic
-from mlaas.serverproc import ServerProcess
+from testbed.benign import benign_images, run_benign_client
+from testbed.experiments.config import Cell, DefenseSpec, ExperimentConfig, VictimSpec
+from testbed.serverproc import ServerProcess
 
 
 def cell_record(out: Path, cell: Cell) -> dict[str, Any] | None:
@@ -44,7 +44,7 @@ def cell_record(out: Path, cell: Cell) -> dict[str, Any] | None:
 
 def ensure_victim(out: Path, spec: VictimSpec, seed: int, device: str) -> tuple[Path, ModelCard]:
     from mlaas.training import TrainConfig
-    from server.victim import train_victim
+    from testbed.victim import train_victim
 
     directory = out / "victims" / f"{spec.name}-s{seed}"
     try:

@@ -30,11 +30,11 @@ from rich.table import Table
 
 from defense.detectors import DEFAULT_DETECTORS
 from mlaas.apiclient import AdminClient
-from mlaas.benign import benign_images, run_benign_client
 from mlaas.datasets import load_dataset
 from mlaas.modelstore import ModelCard, load_card
-from mlaas.serverproc import ServerProcess
 from mlaas.shifts import HELD_OUT_SHIFTS
+from testbed.benign import benign_images, run_benign_client
+from testbed.serverproc import ServerProcess
 
 DETECTORS = DEFAULT_DETECTORS
 KNOCKOFF_TRANSFER = "natural-crops:photos-a"
@@ -75,7 +75,7 @@ def ensure_victim(victim_dir: Path, console: Console) -> ModelCard:
         return card
     except (FileNotFoundError, ValueError):
         pass
-    from server.victim import train_victim
+    from testbed.victim import train_victim
 
     console.print(f"[bold]training the default victim[/] into {victim_dir} (1-2 minutes)")
     card = train_victim(victim_dir)

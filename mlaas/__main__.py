@@ -1,3 +1,0 @@
-from mlaas.cli import main
-
-main()
