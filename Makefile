@@ -62,7 +62,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 bench: install
-	$(PY) bench/serve.py
+	$(PY) -m bench.serve
 
 clean:
 	rm -rf var/demo .pytest_cache .ruff_cache

@@ -3,7 +3,8 @@
 Each attack is a generator of checkpoints: it queries the victim through the
 :class:`~attacker.client.ExtractionClient` up to the next checkpoint, yields the transfer data
 gathered so far, and receives the substitute the runner trained on it (the adaptive strategy
-and JBDA need that substitute to choose their next queries).
+and JBDA need that substitute to choose their next queries). Each attack's options are its
+model in :mod:`attacker.config`.
 
 * ``knockoff``  Knockoff nets (Orekondy et al.): natural images from another distribution,
                 sampled at random or by the adaptive gradient-bandit strategy.
@@ -15,106 +16,25 @@ and JBDA need that substitute to choose their next queries).
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
 from attacker.client import Answers, ExtractionClient
+from attacker.config import (
+    AttackConfig,
+    BaseAttackConfig,
+    JbdaConfig,
+    KnockoffConfig,
+    SampledAttackConfig,
+)
 from attacker.strategies import AdaptiveSampler
 from mlaas.datasets import ImageSet, load_dataset
 from mlaas.images import InputShape, to_tensor
 from mlaas.models import Classifier, build_model
 from mlaas.training import TrainConfig, fit, predict_proba
-
-ATTACKS = ("knockoff", "realistic", "copycat", "jbda")
-DEFAULT_CHECKPOINTS = (500, 1000, 2000, 5000, 10000)
-
-# What each attack is, unless told otherwise.
-ATTACK_DEFAULTS: dict[str, dict[str, object]] = {
-    "knockoff": {"transfer": "natural-crops"},
-    "realistic": {
-        "transfer": "fashion-mnist:pool",
-        "augment": True,
-        "val_fraction": 0.1,
-        "patience": 8,
-        "epochs": 60,
-    },
-    "copycat": {"transfer": "natural-crops", "label_only": True},
-    "jbda": {"transfer": "fashion-mnist:pool"},
-}
-
-
-@dataclass
-class AttackConfig:
-    attack: str
-    budget: int = 5000
-    transfer: str = "natural-crops"
-    transfer_size: int | None = None
-    strategy: str = "random"
-    reward: str = "all"
-    arch: str = "cnn-small"
-    pretrained: str | None = None
-    epochs: int = 30
-    train_batch_size: int = 128
-    optimizer: str = "adam"
-    lr: float | None = None
-    augment: bool = False
-    val_fraction: float = 0.0
-    patience: int | None = None
-    label_only: bool = False
-    checkpoints: list[int] = field(default_factory=lambda: list(DEFAULT_CHECKPOINTS))
-    test_set: str = "fashion-mnist:test"
-    eval_size: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    # adaptive strategy
-    clusters: int = 20
-    bandit_lr: float = 0.1
-    step: int = 32
-    retrain_every: int = 1000
-    # evasion: cover traffic interleaved with the attack's queries, not trained on
-    cover: str | None = None
-    cover_rate: float = 0.0
-    # JBDA
-    seed_size: int = 150
-    jbda_lambda: float = 0.1
-    jbda_tau: int = 3
-
-    @classmethod
-    def for_attack(cls, attack: str, **overrides: object) -> AttackConfig:
-        if attack not in ATTACKS:
-            raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
-        return cls(attack=attack, **{**ATTACK_DEFAULTS[attack], **overrides})
-
-    def __post_init__(self) -> None:
-        if self.budget < 1:
-            raise ValueError("the budget must be at least one query")
-        if self.strategy not in ("random", "adaptive"):
-            raise ValueError(f"strategy must be random or adaptive, not {self.strategy!r}")
-        if not 0.0 <= self.cover_rate < 1.0:
-            raise ValueError("cover_rate is the share of the budget spent on cover, in [0, 1)")
-        if self.cover_rate > 0 and not self.cover:
-            raise ValueError("cover_rate needs a cover data set (--cover)")
-        if self.attack == "jbda" and self.seed_size > self.budget:
-            raise ValueError(f"the JBDA seed set ({self.seed_size}) exceeds the budget")
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.train_batch_size,
-            optimizer=self.optimizer,  # type: ignore[arg-type]
-            lr=self.lr,
-            augment=self.augment,
-            seed=self.seed,
-            device=self.device,
-            val_fraction=self.val_fraction,
-            patience=self.patience,
-        )
 
 
 @dataclass
@@ -140,13 +60,13 @@ class Victim:
     num_classes: int
 
 
-def build_substitute(config: AttackConfig, victim: Victim) -> Classifier:
+def build_substitute(config: BaseAttackConfig, victim: Victim) -> Classifier:
     torch.manual_seed(config.seed)
     return build_model(config.arch, victim.num_classes, victim.shape, pretrained=config.pretrained)
 
 
 def train_substitute(
-    config: AttackConfig, victim: Victim, checkpoint: Checkpoint, progress: bool = False
+    config: BaseAttackConfig, victim: Victim, checkpoint: Checkpoint, progress: bool = False
 ) -> Classifier:
     model = build_substitute(config, victim)
     train = config.train_config()
@@ -155,7 +75,7 @@ def train_substitute(
     fit(
         model,
         checkpoint.images,
-        checkpoint.targets(config.label_only),
+        checkpoint.targets(config.trains_on_labels),
         train,
         progress=progress,
         description=f"substitute on {len(checkpoint.images)}",
@@ -163,7 +83,7 @@ def train_substitute(
     return model
 
 
-def checkpoint_schedule(config: AttackConfig) -> list[int]:
+def checkpoint_schedule(config: SampledAttackConfig) -> list[int]:
     points = sorted({c for c in config.checkpoints if 0 < c < config.budget} | {config.budget})
     return points
 
@@ -197,7 +117,7 @@ class QueryPlan:
 
 def sequence_attack(
     client: ExtractionClient,
-    config: AttackConfig,
+    config: SampledAttackConfig,
     victim: Victim,
     transfer: ImageSet,
     cover: ImageSet | None,
@@ -233,7 +153,7 @@ def sequence_attack(
         yield Checkpoint(done, np.concatenate(images), _concat(answers, victim.num_classes))
 
 
-def _action_groups(transfer: ImageSet, config: AttackConfig, victim: Victim) -> np.ndarray:
+def _action_groups(transfer: ImageSet, config: KnockoffConfig, victim: Victim) -> np.ndarray:
     """The bandit's actions: the transfer set's labels, else k-means clusters of features."""
     if transfer.labels is not None:
         return np.asarray(transfer.labels)
@@ -249,7 +169,7 @@ def _action_groups(transfer: ImageSet, config: AttackConfig, victim: Victim) -> 
 
 
 def adaptive_attack(
-    client: ExtractionClient, config: AttackConfig, victim: Victim, transfer: ImageSet
+    client: ExtractionClient, config: KnockoffConfig, victim: Victim, transfer: ImageSet
 ) -> AttackStream:
     """Knockoff nets' adaptive strategy: a gradient bandit over groups of transfer images."""
     sampler = AdaptiveSampler(
@@ -298,7 +218,7 @@ def jacobian_step(
 
 
 def jbda_attack(
-    client: ExtractionClient, config: AttackConfig, victim: Victim, transfer: ImageSet
+    client: ExtractionClient, config: JbdaConfig, victim: Victim, transfer: ImageSet
 ) -> AttackStream:
     """Papernot et al.: query a small seed set, then double it each round along the substitute's
     Jacobian (the step's sign flips every ``jbda_tau`` rounds, as in their periodic schedule)."""
@@ -332,15 +252,15 @@ def _jacobian_batches(
     )
 
 
-def open_transfer(config: AttackConfig, victim: Victim) -> ImageSet:
+def open_transfer(config: BaseAttackConfig, victim: Victim) -> ImageSet:
     return load_dataset(config.transfer, victim.shape, seed=config.seed, size=config.transfer_size)
 
 
 def attack_stream(client: ExtractionClient, config: AttackConfig, victim: Victim) -> AttackStream:
     transfer = open_transfer(config, victim)
-    if config.attack == "jbda":
+    if isinstance(config, JbdaConfig):
         return jbda_attack(client, config, victim, transfer)
-    if config.attack == "knockoff" and config.strategy == "adaptive":
+    if isinstance(config, KnockoffConfig) and config.strategy == "adaptive":
         return adaptive_attack(client, config, victim, transfer)
     cover = load_dataset(config.cover, victim.shape, seed=config.seed) if config.cover else None
     return sequence_attack(client, config, victim, transfer, cover)

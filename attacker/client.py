@@ -30,7 +30,14 @@ from typing import Self
 import httpx
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from mlaas.apiclient import ApiCallError, raise_for_error
 from mlaas.wire import (
@@ -232,7 +239,7 @@ class ExtractionClient:
         self.retries = 0
         self.sent_images = 0
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         if progress:
             self._progress = Progress(
                 TextColumn("[bold]queries"),

@@ -18,8 +18,9 @@ from typing import Any
 
 from rich.console import Console
 
-from attacker.attacks import AttackConfig, Victim, attack_stream, train_substitute
+from attacker.attacks import Victim, attack_stream, train_substitute
 from attacker.client import ExtractionClient
+from attacker.config import AttackConfig, KnockoffConfig
 from attacker.evaluation import Evaluator, make_evaluator
 from mlaas.images import InputShape
 from mlaas.modelstore import ModelCard, save_model, write_json_atomic
@@ -48,11 +49,13 @@ class RunDirectory:
         """Record ``config``; True when resuming a run with the same configuration.
 
         A different configuration in a used directory is refused: its cache would mix runs.
+        Settings only the recorded one holds are ignored: runs recorded before each attack had
+        its own options hold every attack's options, and still resume.
         """
         if self.config.exists():
             previous = json.loads(self.config.read_text())
-            if previous != config:
-                changed = sorted(k for k in config if previous.get(k) != config.get(k))
+            changed = sorted(k for k in config if previous.get(k) != config[k])
+            if changed:
                 raise ConfigMismatch(
                     f"{self.path} holds a run with other settings ({', '.join(changed)}); "
                     "use another --out, or the same options to resume it"
@@ -100,7 +103,7 @@ def run_attack(
         records: list[dict[str, Any]] = []
         metrics: dict[str, Any] = {
             "attack": config.attack,
-            "strategy": config.strategy if config.attack == "knockoff" else None,
+            "strategy": config.strategy if isinstance(config, KnockoffConfig) else None,
             "victim": {"name": info.name, "classes": info.classes},
             "victim_test_accuracy": evaluator.victim_accuracy,
             "budget": config.budget,
@@ -121,7 +124,7 @@ def run_attack(
                     "elapsed_s": round(time.perf_counter() - started, 1),
                 }
             )
-            metrics["hard_labels"] = checkpoint.answers.hard or config.label_only
+            metrics["hard_labels"] = checkpoint.answers.hard or config.trains_on_labels
             metrics["victim"]["granularity"] = ",".join(client.cache.granularities())
             _report(console, records[-1])
             write_json_atomic(run.metrics, metrics)
@@ -160,7 +163,7 @@ def run_attack(
             extra={"fidelity": final["fidelity"], "queries": final["queries"]},
         ),
     )
-    label = f"{config.attack}" + (f" ({config.strategy})" if config.attack == "knockoff" else "")
+    label = config.attack + (f" ({config.strategy})" if isinstance(config, KnockoffConfig) else "")
     curve_plot(
         run.curve,
         [r["queries"] for r in records],

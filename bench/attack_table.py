@@ -17,7 +17,7 @@ import secrets
 import time
 from pathlib import Path
 
-from attacker.attacks import AttackConfig
+from attacker.config import for_attack
 from attacker.runner import run_attack
 from mlaas.apiclient import AdminClient
 from testbed.serverproc import ServerProcess
@@ -72,7 +72,7 @@ def main() -> None:
             if args.only and row not in args.only:
                 continue
             slug = f"{row.replace(' ', '-')}-{granularity}"
-            config = AttackConfig.for_attack(attack, budget=args.budget, **overrides)
+            config = for_attack(attack, budget=args.budget, **overrides)
             started = time.perf_counter()
             metrics = run_attack(
                 config,

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from bench.serve import process_cpu_s, random_images, save_victim
+from bench.common import process_cpu_s, random_images, save_victim
 from mlaas.apiclient import AdminClient
 from mlaas.images import InputShape
 from mlaas.wire import IMAGE_COUNT_HEADER, NPY_MEDIA_TYPE, encode_npy

@@ -33,6 +33,7 @@ from enum import StrEnum
 import numpy as np
 
 from defense.detectors import Detector, Observation
+from defense.options import Policy
 from defense.state import Record, StateStore
 
 SUMMARY = "_summary"
@@ -50,12 +51,6 @@ def shared_account(client: str, account: str | None) -> str | None:
     """``account`` when it is more than the key itself (detectors also decide on it), else
     None: a key whose account is unset or its own name is alone."""
     return account if account and account != client else None
-
-
-class Policy(StrEnum):
-    monitor = "monitor"
-    block = "block"
-    deceive = "deceive"
 
 
 class Level(StrEnum):

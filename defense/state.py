@@ -20,9 +20,10 @@ from contextlib import contextmanager
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import LockError, RedisError
-from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
+
+from mlaas.redisclient import connect_redis
 
 State = dict[str, np.ndarray]
 Record = dict[str, "State | bytes"]
@@ -30,7 +31,9 @@ Record = dict[str, "State | bytes"]
 
 def encode_state(state: State) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **state)
+    # numpy's stub lets mypy match the arrays against savez's own allow_pickle flag; no
+    # state has a field of that name, so every one is saved as an array.
+    np.savez(buffer, **state)  # type: ignore[arg-type]
     return buffer.getvalue()
 
 
@@ -105,20 +108,12 @@ def is_outage(exc: RedisError) -> bool:
     )
 
 
-def connect_redis(url: str, timeout_s: float = 2.0) -> redis.Redis:
-    """A client that fails fast when Redis is away and reconnects by itself when it returns.
-
-    The timeouts turn an outage into a prompt error for the caller to handle (a 503, or an
-    answer without Redis where the deployment fails open) instead of a hung request; one
-    quick retry hides a connection that Redis closed while it sat in the pool.
-    """
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=timeout_s,
-        socket_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+def _binary(value: bytes | str) -> bytes:
+    """A Redis reply as the bytes it is: states are binary, so a client that decodes replies
+    to text (``decode_responses=True``) would corrupt them, and is refused."""
+    if isinstance(value, str):
+        raise TypeError("RedisStore needs a Redis client without decode_responses")
+    return value
 
 
 class RedisStore(StateStore):
@@ -160,14 +155,14 @@ class RedisStore(StateStore):
             yield
 
     def load(self, client: str) -> Record:
-        raw = self._redis.hgetall(self._key(client))
-        return {
-            name.decode(): value if name.startswith(b"_") else decode_state(value)
-            for name, value in raw.items()
-        }
+        record: Record = {}
+        for key, value in self._redis.hgetall(self._key(client)).items():
+            name, data = _binary(key).decode(), _binary(value)
+            record[name] = data if name.startswith("_") else decode_state(data)
+        return record
 
     def save(self, client: str, fields: Record) -> None:
-        encoded = {
+        encoded: dict[FieldT, EncodableT] = {
             name: value if isinstance(value, bytes) else encode_state(value)
             for name, value in fields.items()
         }
@@ -178,12 +173,14 @@ class RedisStore(StateStore):
 
     def field(self, client: str, name: str) -> State | bytes | None:
         value = self._redis.hget(self._key(client), name)
-        if value is None or name.startswith("_"):
-            return value
-        return decode_state(value)
+        if value is None:
+            return None
+        data = _binary(value)
+        return data if name.startswith("_") else decode_state(data)
 
     def clients(self) -> list[str]:
-        return sorted(c.decode() for c in self._redis.smembers(f"{self._prefix}:clients"))
+        members = self._redis.smembers(f"{self._prefix}:clients")
+        return sorted(_binary(c).decode() for c in members)
 
     def close(self) -> None:
         self._redis.close()

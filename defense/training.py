@@ -23,6 +23,7 @@ Artifacts are ``.npz`` files (arrays and a JSON header, no pickles) in
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,7 @@ def train_detectors(
     *,
     outliers: str = DEFAULT_OUTLIERS,
     held_out_outliers: str | None = HELD_OUT_OUTLIERS,
-    calibrate_on: str | list[str] = CALIBRATION_SHIFTS,
+    calibrate_on: str | Sequence[str] = CALIBRATION_SHIFTS,
     size: int = 10_000,
     false_alarm_rate: float = 0.001,
     stream_length: int = 1000,

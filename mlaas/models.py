@@ -60,6 +60,11 @@ class Classifier(nn.Module):
     move with ``.to(device)``.
     """
 
+    # Registered as buffers in __init__; declared here, as nn.Module's attribute lookup is
+    # typed as "Tensor | Module" otherwise.
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         backbone: nn.Module,

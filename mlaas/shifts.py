@@ -49,7 +49,7 @@ def _zoom(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     left = int(rng.integers(width - crop_w + 1))
     top = int(rng.integers(height - crop_h + 1))
     return image.resize(
-        (width, height), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h)
+        (width, height), Image.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h)
     )
 
 
@@ -58,7 +58,9 @@ def _rotation(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     corners = np.asarray(image)[[0, 0, -1, -1], [0, -1, 0, -1]]
     fill = tuple(int(v) for v in np.median(corners.reshape(4, -1), axis=0))
     return image.rotate(
-        rng.uniform(-15.0, 15.0), Image.BILINEAR, fillcolor=fill[0] if len(fill) == 1 else fill
+        rng.uniform(-15.0, 15.0),
+        Image.Resampling.BILINEAR,
+        fillcolor=fill[0] if len(fill) == 1 else fill,
     )
 
 
@@ -109,7 +111,7 @@ def _chained(
     for i in range(len(images)):
         image = images[i : i + 1]
         for name in pick(rng):
-            image = SHIFTS[str(name)](image, rng)
+            image = SHIFTS[name](image, rng)
         out[i] = image[0]
     return out
 
@@ -118,7 +120,7 @@ def _mixture_parts(rng: np.random.Generator) -> Sequence[str]:
     parts = [str(rng.choice(["rotation", "zoom"])), str(rng.choice(["contrast", "jpeg"]))]
     extra = [p for p in MIXTURE_PARTS if p not in parts]
     parts += list(rng.choice(extra, size=int(rng.integers(0, 3)), replace=False))
-    return rng.permutation(parts)
+    return rng.permutation(parts).tolist()
 
 
 def _mixture(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -182,7 +184,7 @@ def compose_shifts(
 
     def pick(rng: np.random.Generator) -> Sequence[str]:
         count = int(rng.integers(1, min(most, len(names)) + 1))
-        return rng.choice(names, size=count, replace=False)
+        return rng.choice(names, size=count, replace=False).tolist()
 
     return _chained(images, rng, pick)
 

@@ -16,7 +16,6 @@ import copy
 import math
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -32,8 +31,21 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mlaas.images import as_nhwc, to_tensor
+from mlaas.images import to_tensor
 from mlaas.models import Classifier
+
+# Evaluation and prediction live in mlaas.predict; they stay importable from here, where
+# callers have always found them next to fit.
+from mlaas.predict import (
+    ImageSource,
+    accuracy,
+    batch_slices,
+    evaluate,
+    hard_labels,
+    predict_logits,
+    predict_proba,
+    prepare_targets,
+)
 
 if TYPE_CHECKING:
     from mlaas.datasets import ImageSet
@@ -161,71 +173,6 @@ def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-# --------------------------------------------------------------------------- data access
-
-
-class _Source:
-    """Uniform ``uint8 (n, H, W, C)`` batches from an array or an :class:`ImageSet`."""
-
-    def __init__(self, images: ImageSet | np.ndarray) -> None:
-        if isinstance(images, np.ndarray):
-            array = as_nhwc(images)
-            if array.dtype != np.uint8:
-                raise ValueError(f"images must be uint8 (N, H, W, C), not {array.dtype}")
-            self._array: np.ndarray | None = array
-            self._set = None
-        else:
-            # An in-memory set exposes its array: index it directly instead of per-batch calls.
-            array = getattr(images, "images", None)
-            self._array = as_nhwc(array) if isinstance(array, np.ndarray) else None
-            self._set = images
-        self.n = len(images)
-
-    def batch(self, indices: np.ndarray) -> np.ndarray:
-        if self._array is not None:
-            return self._array[indices]
-        assert self._set is not None
-        return np.asarray(self._set.get_batch(indices))
-
-
-def _batches(n: int, batch_size: int) -> Iterator[slice]:
-    for start in range(0, n, batch_size):
-        yield slice(start, min(start + batch_size, n))
-
-
-def _prepare_targets(targets: np.ndarray, n: int, num_classes: int) -> torch.Tensor:
-    """Hard labels as int64 ``(N,)``; soft labels as row-normalised float32 ``(N, K)``."""
-    targets = np.asarray(targets)
-    if len(targets) != n:
-        raise ValueError(f"{n} images but {len(targets)} targets")
-    if targets.ndim == 1:
-        if not np.issubdtype(targets.dtype, np.integer):
-            raise ValueError(f"hard labels must be integers, not {targets.dtype}")
-        if n and (targets.min() < 0 or targets.max() >= num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}), got {targets.min()}..{targets.max()}"
-            )
-        return torch.from_numpy(targets.astype(np.int64))
-    if targets.ndim == 2:
-        if targets.shape[1] != num_classes:
-            raise ValueError(
-                f"soft labels have {targets.shape[1]} classes, the model has {num_classes}"
-            )
-        soft = targets.astype(np.float32)
-        if not np.isfinite(soft).all() or (soft < 0).any():
-            raise ValueError("soft labels must be finite and non-negative")
-        sums = soft.sum(axis=1, keepdims=True)
-        if (sums <= 0).any():
-            raise ValueError("every soft-label row needs positive mass")
-        # Truncated answers (top-k, rounded) need not sum to 1; cross-entropy wants distributions.
-        return torch.from_numpy(soft / sums)
-    raise ValueError(f"targets must be (N,) labels or (N, K) probabilities, got {targets.shape}")
-
-
-def _hard(targets: torch.Tensor) -> torch.Tensor:
-    return targets if targets.ndim == 1 else targets.argmax(dim=1)
-
-
 # --------------------------------------------------------------------------- augmentation
 
 
@@ -252,7 +199,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, max_shift: int = 
 
 
 def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
@@ -280,46 +228,6 @@ def _make_scheduler(
         step = max(1, math.ceil(config.epochs / 3)) * steps_per_epoch
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=0.1)
     return None
-
-
-@torch.no_grad()
-def evaluate(
-    model: Classifier,
-    images: ImageSet | np.ndarray,
-    targets: np.ndarray,
-    *,
-    indices: np.ndarray | None = None,
-    batch_size: int = 512,
-    device: torch.device | str | None = None,
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (agreement with the targets' argmax) in eval mode."""
-    source = _Source(images)
-    target_tensor = _prepare_targets(targets, source.n, model.num_classes)
-    idx = np.arange(source.n) if indices is None else np.asarray(indices)
-    dev = _model_device(model) if device is None else torch.device(device)
-    was_training = model.training
-    model.eval()
-    model.to(dev)
-    total_loss, correct = 0.0, 0
-    try:
-        for part in _batches(len(idx), batch_size):
-            batch_idx = idx[part]
-            x = to_tensor(source.batch(batch_idx), dev)
-            y = target_tensor[batch_idx].to(dev)
-            logits = model(x)
-            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == _hard(y)).sum())
-    finally:
-        model.train(was_training)
-    count = max(1, len(idx))
-    return total_loss / count, correct / count
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _progress_bar(enabled: bool) -> Progress:
@@ -357,8 +265,8 @@ def fit(
     """
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    source = _Source(images)
-    target_tensor = _prepare_targets(targets, source.n, model.num_classes)
+    source = ImageSource(images)
+    target_tensor = prepare_targets(targets, source.n, model.num_classes)
     train_idx, val_idx = split_validation(source.n, config.val_fraction, config.seed)
     if len(train_idx) == 0:
         raise ValueError("no training data")
@@ -383,7 +291,7 @@ def fit(
             )
             order = train_idx[shuffle_rng.permutation(len(train_idx))]
             loss_sum, correct, seen = 0.0, 0, 0
-            for part in _batches(len(order), config.batch_size):
+            for part in batch_slices(len(order), config.batch_size):
                 # Sorted within the batch: same sample set, friendlier to disk-backed sets.
                 batch_idx = np.sort(order[part])
                 if len(batch_idx) == 1 and steps_per_epoch > 1:
@@ -401,7 +309,7 @@ def fit(
                     scheduler.step()
                 k = len(batch_idx)
                 loss_sum += float(loss.detach()) * k
-                correct += int((logits.detach().argmax(dim=1) == _hard(y)).sum())
+                correct += int((logits.detach().argmax(dim=1) == hard_labels(y)).sum())
                 seen += k
                 bar.update(
                     task, advance=1, stats=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}"
@@ -438,60 +346,6 @@ def fit(
         history.restored_best = True
     model.eval()
     return history
-
-
-@torch.no_grad()
-def predict_logits(
-    model: Classifier,
-    images: ImageSet | np.ndarray,
-    *,
-    batch_size: int = 512,
-    device: torch.device | str | None = None,
-) -> np.ndarray:
-    """Raw logits, float32 ``(N, K)``, in eval mode (the model's training flag is restored)."""
-    source = _Source(images)
-    dev = _model_device(model) if device is None else torch.device(device)
-    model.to(dev)
-    was_training = model.training
-    model.eval()
-    out = np.empty((source.n, model.num_classes), dtype=np.float32)
-    try:
-        for part in _batches(source.n, batch_size):
-            x = to_tensor(source.batch(np.arange(part.start, part.stop)), dev)
-            out[part] = model(x).float().cpu().numpy()
-    finally:
-        model.train(was_training)
-    return out
-
-
-def predict_proba(
-    model: Classifier,
-    images: ImageSet | np.ndarray,
-    *,
-    batch_size: int = 512,
-    device: torch.device | str | None = None,
-) -> np.ndarray:
-    """Softmax probabilities, float32 ``(N, K)``."""
-    logits = torch.from_numpy(predict_logits(model, images, batch_size=batch_size, device=device))
-    return torch.softmax(logits, dim=1).numpy()
-
-
-def accuracy(
-    model: Classifier,
-    images: ImageSet | np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int = 512,
-    device: torch.device | str | None = None,
-) -> float:
-    """Share of ``images`` whose top-1 prediction equals ``labels`` (or their argmax if soft)."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2:
-        labels = labels.argmax(axis=1)
-    logits = predict_logits(model, images, batch_size=batch_size, device=device)
-    if len(labels) != len(logits):
-        raise ValueError(f"{len(logits)} images but {len(labels)} labels")
-    return float((logits.argmax(axis=1) == labels).mean()) if len(labels) else 0.0
 
 
 __all__ = [

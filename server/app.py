@@ -20,9 +20,9 @@ from redis.exceptions import RedisError
 from threadpoolctl import threadpool_limits
 
 from defense.detectors import load_detector
-from defense.monitor import Monitor, Policy
-from defense.perturb import Perturbation
-from defense.state import MemoryStore, RedisStore, connect_redis
+from defense.monitor import Monitor
+from defense.state import MemoryStore, RedisStore
+from mlaas.redisclient import connect_redis
 from server.api import admin_router, public_router
 from server.dashboard import router as dashboard_router
 from server.db import init_db, make_engine
@@ -31,10 +31,10 @@ from server.inference import MicroBatcher, Victim
 from server.inputs import BodySizeLimit, BodyTooLarge, Limits
 from server.keys import KeyStore
 from server.metrics import MetricsMiddleware, ServiceMetrics
-from server.querylog import LogMode, LogUnavailable, QueryLogWriter
+from server.options import LogMode
+from server.querylog import LogUnavailable, QueryLogWriter
 from server.ratelimit import InFlight, LimitSpec, MemoryRateLimiter, RedisRateLimiter
-from server.settings import ServerSettings, parse_deception
-from server.shaping import Granularity
+from server.settings import ServerSettings
 from server.state import CountRejections, MonitorThreads, ServiceState
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def build_monitor(settings: ServerSettings, redis_client: Redis | None) -> Monit
         if redis_client is not None
         else MemoryStore()
     )
-    return Monitor(detectors, store, Policy(settings.policy))
+    return Monitor(detectors, store, settings.policy)
 
 
 def _check_redis(client: Redis) -> None:
@@ -74,7 +74,6 @@ def _check_redis(client: Redis) -> None:
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
-    granularity = Granularity.parse(settings.granularity)
     metrics = ServiceMetrics()
 
     @asynccontextmanager
@@ -125,15 +124,15 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             victim=victim,
             batcher=batcher,
             writer=writer,
-            granularity=granularity,
+            granularity=settings.granularity,
             limits=Limits(
                 settings.max_images_per_request,
                 settings.max_image_pixels,
                 settings.max_request_pixels,
             ),
             monitor=monitor,
-            perturbation=Perturbation.parse(settings.perturbation),
-            deception=parse_deception(settings.deceive),
+            perturbation=settings.perturbation,
+            deception=settings.deceive,
             metrics=metrics,
             in_flight=InFlight(settings.max_in_flight_per_key),
             monitor_threads=MonitorThreads(settings.monitor_threads, settings.redis_lock_wait_s),
@@ -143,7 +142,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             victim.card.name,
             victim.card.architecture,
             victim.device,
-            granularity,
+            settings.granularity,
             ", ".join(settings.detector_names) or "none",
             settings.policy,
             "redis" if settings.redis_url else "in-process",

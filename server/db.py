@@ -21,11 +21,15 @@ from sqlalchemy import (
     String,
     create_engine,
     event,
-    inspect,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+# Re-exported: callers of init_db catch them from here.
+from server.migrate import SchemaError as SchemaError
+from server.migrate import SchemaOutdated as SchemaOutdated
+from server.migrate import upgrade
 
 
 def utcnow() -> datetime:
@@ -223,26 +227,10 @@ def make_engine(
     )
 
 
-class SchemaOutdated(RuntimeError):
-    """The database's tables were made by an older version of the testbed."""
-
-
 def init_db(engine: Engine) -> None:
-    """Create missing tables, and refuse clearly to run on tables that lack columns (there are
-    no migrations yet: an error at start beats a 500 on every query). Every outdated table is
-    named at once (accounts, for one, added ``api_keys.account`` and ``alerts.level`` and
-    ``alerts.account``; the dashboard's decision statistics ``queries.statistics``)."""
-    Base.metadata.create_all(engine)
-    inspector = inspect(engine)
-    outdated = []
-    for table in Base.metadata.sorted_tables:
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        missing = sorted(set(table.columns.keys()) - present)
-        if missing:
-            outdated.append(f"table {table.name!r} lacks columns {', '.join(missing)}")
-    if outdated:
-        raise SchemaOutdated(
-            f"{engine.url.render_as_string(hide_password=True)}: {'; '.join(outdated)}: "
-            "it was made by an older version; point MLAAS_DATABASE_URL at a new database "
-            "(or move the old one away)"
-        )
+    """Bring the database to the schema this version's code needs (see server.migrate): a new
+    one is made by the migrations, an older one upgraded, one made before migrations existed
+    recognised first; safe with several processes starting at once. Raises SchemaOutdated
+    for a database a newer version migrated (and server.migrate.SchemaUnrecognised for
+    tables no version made)."""
+    upgrade(engine)

@@ -456,30 +456,29 @@ async def infer_and_log(
     latency_ms = (time.perf_counter() - started) * 1000.0
     spec = str(granularity)
     predicted = output.probs.argmax(axis=1)
-    logged = state.writer.submit(
-        [
-            PendingQuery(
-                id=prediction.query_id,
-                client=client.name,
-                created_at=answered_at,
-                image=image,
-                input_shape=sent_shape,
-                predicted=int(label),
-                payload=prediction.model_dump(exclude={"query_id"}),
-                latency_ms=latency_ms,
-                granularity=spec,
-                scores=scores[i] if scores is not None else None,
-                statistics=statistics[i] if statistics is not None else None,
-                request_key=request_key,
-                position=i if request_key is not None else None,
-                input_sha256=hashes[i] if hashes is not None else None,
-            )
-            for i, (prediction, image, sent_shape, label) in enumerate(
-                zip(predictions, batch.images, batch.original_shapes, predicted, strict=True)
-            )
-        ]
-        + alerts
-    )
+    rows: list[PendingQuery | Alert] = [
+        PendingQuery(
+            id=prediction.query_id,
+            client=client.name,
+            created_at=answered_at,
+            image=image,
+            input_shape=sent_shape,
+            predicted=int(label),
+            payload=prediction.model_dump(exclude={"query_id"}),
+            latency_ms=latency_ms,
+            granularity=spec,
+            scores=scores[i] if scores is not None else None,
+            statistics=statistics[i] if statistics is not None else None,
+            request_key=request_key,
+            position=i if request_key is not None else None,
+            input_sha256=hashes[i] if hashes is not None else None,
+        )
+        for i, (prediction, image, sent_shape, label) in enumerate(
+            zip(predictions, batch.images, batch.original_shapes, predicted, strict=True)
+        )
+    ]
+    rows.extend(alerts)
+    logged = state.writer.submit(rows)
     answer = PredictResponse(
         model=state.victim.card.name, granularity=spec, predictions=predictions
     )

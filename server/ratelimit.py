@@ -25,21 +25,16 @@ import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 
-from defense.state import connect_redis
+from mlaas.redisclient import connect_redis
+from server.options import MIN_RATE_LIMIT
 
 _US = 1_000_000
 _DAY_US = 86_400 * _US
 _PRUNE_EVERY_US = 60 * _US
-
-
-MIN_RATE_LIMIT = 1e-6
-"""Images per second, at least: about one image in 12 days. Slower rates have no use, and
-rates near zero (5e-324 is a valid float) make a per-image interval that overflows."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +84,10 @@ class Decision:
     """What is left of today's quota after this decision (None without one)."""
 
 
+Outcome = tuple[int, int, float, int]
+"""What a backend decides: (allowed, reason, wait_us, remaining), as the Lua script returns it
+(wait_us -1: never; remaining -1: no quota)."""
+
 _ALLOWED_UNLIMITED = Decision(True, None, 0.0, None, None)
 _REASONS = {0: None, 1: "rate", 2: "quota"}
 
@@ -132,8 +131,8 @@ class RateLimiter(ABC):
     @abstractmethod
     def _apply(
         self, op: str, client: str, cost: int, spec: LimitSpec, now: float | None
-    ) -> Sequence[float]:
-        """``"acquire"`` or ``"refund"``, atomically: (allowed, reason, wait_us, remaining)."""
+    ) -> Outcome:
+        """``"acquire"`` or ``"refund"``, atomically."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -151,7 +150,7 @@ class MemoryRateLimiter(RateLimiter):
 
     def _apply(
         self, op: str, client: str, cost: int, spec: LimitSpec, now: float | None
-    ) -> tuple[int, int, float, int]:
+    ) -> Outcome:
         """The Lua script below, line for line, under a lock."""
         acquire = op == "acquire"
         now_us = round((time.time() if now is None else now) * _US)
@@ -291,11 +290,12 @@ class RedisRateLimiter(RateLimiter):
 
     def _apply(
         self, op: str, client: str, cost: int, spec: LimitSpec, now: float | None
-    ) -> list[int]:
+    ) -> Outcome:
         quota = -1 if spec.daily_quota is None else spec.daily_quota
-        args = [op, cost, spec._interval_us(), spec.capacity or 0, quota]
+        args: list[str | int] = [op, cost, spec._interval_us(), spec.capacity or 0, quota]
         args.append("" if now is None else str(round(now * _US)))
-        return self._script(keys=[self.key(client)], args=args)
+        allowed, reason, wait_us, remaining = self._script(keys=[self.key(client)], args=args)
+        return allowed, reason, wait_us, remaining
 
     def close(self) -> None:
         if self._owned:

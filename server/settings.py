@@ -7,24 +7,26 @@ Precedence, highest first: explicit arguments, environment, ``.env``, the TOML f
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BeforeValidator, Field, PlainSerializer, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
-from defense.detectors import DEFAULT_DETECTORS, DETECTORS
-from defense.monitor import Policy
+# Light modules only: reading the settings must not load SciPy, torch or SQLAlchemy
+# (tests/test_settings_light.py).
+from defense.options import DEFAULT_DETECTORS, DETECTORS, Policy
 from defense.perturb import Perturbation
 from mlaas.config import CommonSettings
-from server.querylog import LogMode
-from server.ratelimit import MIN_RATE_LIMIT
+from server.options import MIN_RATE_LIMIT, LogMode
 from server.shaping import Granularity
 
 
@@ -40,6 +42,32 @@ def parse_deception(spec: str) -> Perturbation | Granularity:
         raise ValueError(
             f"deceive {spec!r}: a perturbation (reverse-sigmoid:B:G, noise:S) or a granularity"
         ) from None
+
+
+def _parsed_by(parse: Callable[[str], object]) -> BeforeValidator:
+    """Parse a spec as written (environment, ``.env``, TOML, a caller's string) once, when the
+    settings are read; a value parsed already passes as it is."""
+    return BeforeValidator(lambda value: parse(value) if isinstance(value, str) else value)
+
+
+# NoDecode: these are dataclasses, which pydantic-settings would otherwise read from the
+# environment as JSON; str() writes each back as its spec.
+GranularitySpec = Annotated[
+    Granularity, NoDecode, _parsed_by(Granularity.parse), PlainSerializer(str, return_type=str)
+]
+PerturbationSpec = Annotated[
+    Perturbation, NoDecode, _parsed_by(Perturbation.parse), PlainSerializer(str, return_type=str)
+]
+DeceptionSpec = Annotated[
+    Perturbation | Granularity,
+    NoDecode,
+    _parsed_by(parse_deception),
+    PlainSerializer(str, return_type=str),
+]
+
+
+def _normalised(value: object) -> object:
+    return value.strip().lower() if isinstance(value, str) else value
 
 
 class RedisFailure(StrEnum):
@@ -61,7 +89,7 @@ class ServerSettings(CommonSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default: a SQLite file <var_dir>/mlaas.db"
     )
-    granularity: str = "probs"
+    granularity: GranularitySpec = Granularity()
     admin_token: SecretStr | None = Field(
         default=None,
         description=f"Bearer token for /admin routes, at least {MIN_ADMIN_TOKEN_CHARS} "
@@ -126,12 +154,16 @@ class ServerSettings(CommonSettings):
         description="Comma-separated: ood-binary, msp, mahalanobis, prada, or default "
         "(the set bench/detection.py measured best out of sample)",
     )
-    policy: str = Field(default="monitor", description="monitor, block or deceive")
-    deceive: str = Field(
-        default="reverse-sigmoid:0.7:0.4",
+    policy: Annotated[Policy, BeforeValidator(_normalised)] = Field(
+        default=Policy.monitor, description="monitor, block or deceive"
+    )
+    deceive: DeceptionSpec = Field(
+        default=Perturbation.parse("reverse-sigmoid:0.7:0.4"),
         description="What a deceived client gets: a perturbation or a granularity",
     )
-    perturbation: str = Field(default="none", description="Applied to every answer")
+    perturbation: PerturbationSpec = Field(
+        default=Perturbation(), description="Applied to every answer"
+    )
     defense_dir: Path | None = Field(
         default=None, description="Detector artifacts; default: <victim_dir>/defense"
     )
@@ -227,11 +259,6 @@ class ServerSettings(CommonSettings):
     log_flush_rows: int = Field(default=512, ge=1)
     log_flush_interval_ms: float = Field(default=100.0, gt=0)
 
-    @field_validator("granularity")
-    @classmethod
-    def _valid_granularity(cls, value: str) -> str:
-        return str(Granularity.parse(value))
-
     @field_validator("detectors")
     @classmethod
     def _known_detectors(cls, value: str) -> str:
@@ -245,21 +272,6 @@ class ServerSettings(CommonSettings):
         if len(set(names)) != len(names):
             raise ValueError("a detector is listed twice")
         return ",".join(names)
-
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, value: str) -> str:
-        return Policy(value.strip().lower()).value
-
-    @field_validator("perturbation")
-    @classmethod
-    def _valid_perturbation(cls, value: str) -> str:
-        return str(Perturbation.parse(value))
-
-    @field_validator("deceive")
-    @classmethod
-    def _valid_deception(cls, value: str) -> str:
-        return str(parse_deception(value))
 
     @property
     def detector_names(self) -> list[str]:

@@ -114,15 +114,16 @@ class FlaggedMemo:
 
     def __init__(self, size: int = 10_000) -> None:
         self._size = size
-        self._reasons: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._reasons: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
 
-    def get(self, level: str, name: str) -> str | None:
+    def get(self, level: str, name: str) -> list[str] | None:
+        """The detectors that flagged ``name`` at ``level``; None if not known flagged."""
         reason = self._reasons.get((level, name))
         if reason is not None:
             self._reasons.move_to_end((level, name))
         return reason
 
-    def put(self, level: str, name: str, reason: str) -> None:
+    def put(self, level: str, name: str, reason: list[str]) -> None:
         self._reasons[(level, name)] = reason
         self._reasons.move_to_end((level, name))
         while len(self._reasons) > self._size:

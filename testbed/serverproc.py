@@ -6,6 +6,7 @@ so they exercise uvicorn, the lifespan and a graceful SIGTERM exactly as deploye
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -47,7 +48,7 @@ class ServerProcess:
         self.extra_args = extra_args or []
         self.log_file = log_file
         self.process: subprocess.Popen[bytes] | None = None
-        self._log_handle = None
+        self._log_handle: io.BufferedWriter | None = None
 
     @property
     def url(self) -> str:
@@ -55,7 +56,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 120.0) -> Self:
         command = [
-            sys.executable, "-m", "mlaas", "serve",
+            sys.executable, "-m", "testbed", "serve",
             "--victim", str(self.victim_dir),
             "--host", self.host,
             "--port", str(self.port),

@@ -77,7 +77,7 @@ def train_victim(
             len(train_set), train_size, replace=False
         )
         train_set = train_set.subset(np.sort(chosen))
-    if train_set.classes is None or train_set.labels is None:
+    if train_set.classes is None or train_set.labels is None or test_set.labels is None:
         raise ValueError(f"{dataset} has no class labels: a victim cannot be trained on it")
     mean = std = None
     if pretrained is None:

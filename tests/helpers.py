@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 T = TypeVar("T")
 
@@ -52,3 +54,36 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+async def wait_until_async(
+    condition: Callable[[], T],
+    timeout: float = 10.0,
+    *,
+    interval: float = 0.002,
+    what: str = "the condition",
+) -> T:
+    """:func:`wait_until` inside a test's own event loop: between looks it yields to the loop
+    (``asyncio.sleep``), so that the tasks whose state it waits for run meanwhile. The interval
+    is short because those usually get there within a turn or two of the loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def requests_finished(metrics: str, route: str) -> int:
+    """How many requests to ``route`` the server has finished with, whatever their status
+    (a client that hung up included), from its ``/metrics`` text: the service counts each
+    request in ``mlaas_requests_total`` as the request ends."""
+    return sum(
+        int(sample.value)
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "mlaas_requests"
+        for sample in family.samples
+        if sample.name == "mlaas_requests_total" and sample.labels["route"] == route
+    )

@@ -23,7 +23,7 @@ from defense.state import MemoryStore, RedisStore
 from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
-from server.db import SchemaOutdated, init_db, make_engine
+from server.db import init_db, make_engine
 from server.keys import KeyStore, KeyStoreError
 from server.querylog import fetch_alerts
 from testbed.cli import app
@@ -206,10 +206,11 @@ def test_keys_carry_their_account(database_url: str) -> None:
     engine.dispose()
 
 
-def test_a_database_from_before_accounts_is_refused_clearly(tmp_path) -> None:
+def test_a_database_from_before_accounts_is_upgraded(tmp_path) -> None:
     path = tmp_path / "old.db"
     engine = make_engine(f"sqlite:///{path}")
     init_db(engine)
+    key = KeyStore(engine).create("alice")
     engine.dispose()
     with sqlite3.connect(path) as old:  # the keys and alerts tables as they were
         old.execute("DROP INDEX ix_api_keys_account")
@@ -217,9 +218,22 @@ def test_a_database_from_before_accounts_is_refused_clearly(tmp_path) -> None:
         old.execute("DROP INDEX ix_alerts_account")
         old.execute("ALTER TABLE alerts DROP COLUMN level")
         old.execute("ALTER TABLE alerts DROP COLUMN account")
-    both = r"'alerts' lacks columns account, level; table 'api_keys' lacks columns account: "
-    with pytest.raises(SchemaOutdated, match=both + "it was made by an older version"):
-        init_db(make_engine(f"sqlite:///{path}"))
+        old.execute(
+            "INSERT INTO alerts (client, detector, created_at, query_count, score, threshold,"
+            " action) VALUES ('alice', 'msp', '2026-11-30 12:00:00', 40, 9.0, 5.0, 'block')"
+        )
+        old.execute("ALTER TABLE queries DROP COLUMN statistics")
+        old.execute("DROP TABLE admin_sessions")
+        old.execute("DROP TABLE alembic_version")  # before migrations
+    engine = make_engine(f"sqlite:///{path}")
+    init_db(engine)
+    # The old key is its own account, and its alarm one on its own queries.
+    assert [(k.name, k.account) for k in KeyStore(engine).list()] == [("alice", "alice")]
+    client = KeyStore(engine).authenticate(key)
+    assert client is not None and client.shared_account is None
+    alerts = fetch_alerts(engine)
+    assert [(a["client"], a["level"], a["account"]) for a in alerts] == [("alice", "key", "alice")]
+    engine.dispose()
 
 
 def test_cli_creates_keys_in_an_account_and_lists_it(tmp_path, monkeypatch) -> None:

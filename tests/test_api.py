@@ -252,14 +252,26 @@ def test_query_log_rows(make_client, test_images, database_url: str) -> None:
     assert all(r.payload["scores"] is None for r in rows if r.client == "bob")
 
 
+def clock_past(instant: float) -> float:
+    """The wall clock once it reads at least a microsecond (the query log's resolution) past
+    ``instant``: at once, unless the clock is coarser than the time a request takes."""
+    return wait_until(
+        lambda: (now := time.time()) >= instant + 1e-6 and now,
+        1,
+        interval=0.001,
+        what=f"the clock to pass {instant}",
+    )
+
+
 def test_admin_queries_filter_by_client_and_time(make_client, test_images) -> None:
     images, _ = test_images
     client = make_client(log_inputs=False)
     alice, bob = create_key(client, "alice"), create_key(client, "bob")
     post_npy(client, alice, images[:4])
-    time.sleep(0.05)
-    middle = time.time()
-    time.sleep(0.05)
+    # The server stamps rows with the wall clock before it answers: `middle` falls after
+    # every row of alice's and, as the clock moves on before bob is sent, before his.
+    middle = clock_past(time.time())
+    clock_past(middle)
     post_npy(client, bob, images[:2])
     admin = bearer(ADMIN_TOKEN)
     service = client.app.state.service
@@ -321,8 +333,9 @@ def test_idempotent_retries_are_answered_once(make_client, test_images) -> None:
     assert reused.status_code == 422 and "different" in reused.json()["error"]["message"]
     assert send(images[4:8], "batch-2").status_code == 200
     service = client.app.state.service
-    wait_until(lambda: service.writer.written >= 8, 10, what="8 rows written")
-    time.sleep(0.2)  # a quiet period, in which a replay logged twice would show
+    # Rows are queued for the writer before their request is answered and count as pending
+    # until it is done with them: with none pending, a replay logged twice would be counted.
+    wait_until(lambda: service.writer.pending == 0, 10, what="every queued row written")
     assert service.writer.written == 8  # 4 + 4 answered; the replay added nothing
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attacker.attacks import AttackConfig
 from attacker.client import (
     BudgetExhausted,
     ExtractionClient,
@@ -23,6 +22,7 @@ from attacker.client import (
     RateLimited,
     prediction_vector,
 )
+from attacker.config import for_attack
 from attacker.runner import ConfigMismatch, run_attack
 from attacker.strategies import AdaptiveSampler, GradientBandit, softmax
 from mlaas.apiclient import AdminClient
@@ -65,21 +65,21 @@ def new_key(live, granularity: str | None = None) -> tuple[str, str]:
 
 
 def answered(live, client: str) -> int:
-    """Rows in the provider's log for ``client``, once the writer has caught up."""
+    """Rows in the provider's log for ``client``, once the writer has caught up (a row counts
+    as pending until the writer is done with it, the batch it is writing included)."""
     wait_until(
         lambda: live.admin.stats()["log_rows_pending"] == 0,
         10,
         interval=0.05,
         what="no rows pending",
     )
-    time.sleep(0.15)  # the writer's current batch
     return count_queries(make_engine(live.database), client)
 
 
 def test_budget_is_exact_and_a_rerun_resumes_from_the_cache(live, tmp_path) -> None:
     name, key = new_key(live)
     _, experimenter = new_key(live)
-    config = AttackConfig.for_attack("knockoff", budget=250, checkpoints=[100], **FAST)
+    config = for_attack("knockoff", budget=250, checkpoints=[100], **FAST)
     out = tmp_path / "run"
     metrics = run_attack(
         config, url=live.url, keys=[key], out=out, eval_key=experimenter, progress=False
@@ -103,7 +103,7 @@ def test_budget_is_exact_and_a_rerun_resumes_from_the_cache(live, tmp_path) -> N
     assert answered(live, name) == 250
     with pytest.raises(ConfigMismatch, match="budget"):
         run_attack(
-            AttackConfig.for_attack("knockoff", budget=300, **FAST),
+            for_attack("knockoff", budget=300, **FAST),
             url=live.url, keys=[key], out=out, progress=False,
         )  # fmt: skip
 
@@ -113,7 +113,7 @@ def _attack_cli(url: str, key: str, out: Path, *extra: str) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "mlaas",
+            "testbed",
             "attack",
             "knockoff",
             "--url",
@@ -206,7 +206,7 @@ def test_a_refused_key_fails_fast_and_clearly(live, tmp_path) -> None:
         [
             sys.executable,
             "-m",
-            "mlaas",
+            "testbed",
             "attack",
             "knockoff",
             "--url",
@@ -245,7 +245,7 @@ def test_the_budget_is_never_exceeded(live) -> None:
 
 def test_a_label_only_api_trains_through_the_hard_label_path(live, tmp_path) -> None:
     _, key = new_key(live, granularity="label")
-    config = AttackConfig.for_attack(
+    config = for_attack(
         "realistic", budget=300, checkpoints=[], epochs=4, patience=None, val_fraction=0.0,
         eval_size=300, augment=False,
     )  # fmt: skip
@@ -260,7 +260,7 @@ def test_a_label_only_api_trains_through_the_hard_label_path(live, tmp_path) -> 
 
 def test_queries_spread_over_several_keys_with_cover_traffic(live, tmp_path) -> None:
     (alice, key_a), (bob, key_b) = new_key(live), new_key(live)
-    config = AttackConfig.for_attack(
+    config = for_attack(
         "knockoff", budget=200, checkpoints=[], cover="fashion-mnist:pool", cover_rate=0.25, **FAST
     )
     metrics = run_attack(
@@ -273,14 +273,14 @@ def test_queries_spread_over_several_keys_with_cover_traffic(live, tmp_path) -> 
 
 def test_adaptive_knockoff_and_jbda_run_to_their_budget(live, tmp_path) -> None:
     _, key = new_key(live)
-    adaptive = AttackConfig.for_attack(
+    adaptive = for_attack(
         "knockoff", strategy="adaptive", budget=160, step=16, retrain_every=80, clusters=5,
         checkpoints=[], transfer_size=2000, **FAST,
     )  # fmt: skip
     metrics = run_attack(adaptive, url=live.url, keys=[key], out=tmp_path / "a", progress=False)
     assert [c["queries"] for c in metrics["checkpoints"]] == [80, 160]
     name_j, key_j = new_key(live)
-    jbda = AttackConfig.for_attack("jbda", budget=100, seed_size=25, **FAST)
+    jbda = for_attack("jbda", budget=100, seed_size=25, **FAST)
     metrics = run_attack(jbda, url=live.url, keys=[key_j], out=tmp_path / "j", progress=False)
     assert [c["queries"] for c in metrics["checkpoints"]] == [25, 50, 100]
     assert answered(live, name_j) == 100

@@ -9,6 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from server.settings import ServerSettings
+from server.shaping import Granularity
 from testbed.cli import app, parse_since
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -40,9 +41,11 @@ def test_settings_from_toml_file_and_environment(tmp_path, monkeypatch) -> None:
     config.write_text('granularity = "topk:3"\nmax_images_per_request = 8\n')
     monkeypatch.setenv("MLAAS_CONFIG", str(config))
     settings = ServerSettings()
-    assert settings.granularity == "topk:3" and settings.max_images_per_request == 8
+    assert (
+        settings.granularity == Granularity.parse("topk:3") and settings.max_images_per_request == 8
+    )
     monkeypatch.setenv("MLAAS_GRANULARITY", "label")  # the environment wins over the file
-    assert ServerSettings().granularity == "label"
+    assert ServerSettings().granularity == Granularity.parse("label")
     monkeypatch.setenv("MLAAS_GRANULARITY", "top3")
     with pytest.raises(ValueError, match="granularity"):
         ServerSettings()

@@ -125,7 +125,7 @@ def test_fashion_gz_files_placed_in_the_data_dir_are_used(
     raw.mkdir(parents=True)
     for stem in datasets.FASHION_MNIST_FILES:
         shutil.copyfile(datasets.DEBIAN_FASHION_MNIST_DIR / f"{stem}.gz", raw / f"{stem}.gz")
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(datasets.mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
     test = load_dataset("fashion-mnist:test", data_dir=tmp_path)
     assert len(test) == 10_000
     assert np.bincount(test.labels).tolist() == [1000] * 10
@@ -175,7 +175,7 @@ def test_fashion_unavailable_names_the_ways_to_get_it(
 ) -> None:
     if _resolves("fashion-mnist.s3-website.eu-central-1.amazonaws.com"):
         pytest.skip("online: torchvision would download Fashion-MNIST")
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(datasets.mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
     started = time.monotonic()
     with pytest.raises(DatasetUnavailable) as caught:
         load_dataset("fashion-mnist:pool", data_dir=tmp_path / "data")

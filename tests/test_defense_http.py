@@ -87,7 +87,7 @@ def test_block_refuses_a_flagged_client_and_spares_the_others(
         assert admin.queries(client="user", limit=1)[0]["scores"]["ood-binary"] is not None
     # After the stop, the CLI reads the same alerts from the database.
     shown = subprocess.run(
-        [sys.executable, "-m", "mlaas", "alerts", "--format", "json"],
+        [sys.executable, "-m", "testbed", "alerts", "--format", "json"],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     alerts = json.loads(shown.stdout)
@@ -118,7 +118,7 @@ def test_deceive_perturbs_answers_after_the_alert(
 
 def test_serve_refuses_an_untrained_detector(tiny_victim, tmp_path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mlaas", "serve", "--victim", str(tiny_victim),
+        [sys.executable, "-m", "testbed", "serve", "--victim", str(tiny_victim),
          "--detector", "mahalanobis"],
         env={**os.environ, "MLAAS_DEFENSE_DIR": str(tmp_path)},
         capture_output=True, text=True, timeout=60,

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 def mlaas(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "mlaas", *args],
+        [sys.executable, "-m", "testbed", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

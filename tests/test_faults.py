@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.db import QueryRecord, make_engine
 from server.querylog import count_queries
 from testbed.serverproc import ServerProcess
-from tests.helpers import ADMIN_TOKEN, bearer, create_key, wait_until
+from tests.helpers import ADMIN_TOKEN, bearer, create_key, requests_finished, wait_until
 from tests.services import PrivatePostgres, PrivateRedis
 
 pytestmark = pytest.mark.slow
@@ -271,6 +270,13 @@ def _env(tmp_path: Path) -> dict[str, str]:
     }
 
 
+def _predictions_finished(url: str) -> int:
+    """Prediction requests the server at ``url`` has finished with, hang-ups included."""
+    metrics = httpx.get(f"{url}/metrics", headers=bearer(ADMIN_TOKEN))
+    metrics.raise_for_status()
+    return requests_finished(metrics.text, "/v1/predict")
+
+
 def _logged_inputs(database: str, client: str) -> tuple[int, int]:
     engine = make_engine(database)
     with Session(engine) as session:
@@ -347,9 +353,13 @@ def test_clients_that_hang_up_leave_whole_requests_or_nothing(
                     sock.sendall(head + body[: len(body) // 2])  # hangs up mid-body
                 else:
                     sock.sendall(head + body)  # hangs up before the answer
-            time.sleep(0.02)
+            # Each hang-up on its own: the server is done with this request before the next.
+            wait_until(
+                lambda: _predictions_finished(server.url) == cut + 1,  # noqa: B023
+                20,
+                what=f"the server to finish request {cut + 1}",
+            )
         with AdminClient(server.url, ADMIN_TOKEN) as admin:
-            time.sleep(0.5)  # requests whose bodies arrived are still being answered
             wait_until(lambda: admin.stats()["log_rows_pending"] == 0, 20, what="no rows pending")
         rows, _ = _logged_inputs(env["MLAAS_DATABASE_URL"], "flaky")
         # Half-sent bodies were never answered; whole ones may have been, seven rows each.

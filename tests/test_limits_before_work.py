@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from server.idempotency import IdempotencyCache
 from server.inference import ForwardOutput, MicroBatcher, QueueFull
 from server.ratelimit import InFlight
 from testbed.serverproc import ServerProcess
-from tests.helpers import ADMIN_TOKEN, REDIS_URL, bearer, wait_until
+from tests.helpers import ADMIN_TOKEN, REDIS_URL, bearer, wait_until, wait_until_async
 
 BODY_BYTES = 32 * 2**20
 
@@ -103,14 +102,22 @@ def test_a_key_has_at_most_its_share_of_requests_in_flight(server, images) -> No
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as slow:
         # A request whose body never ends holds busy's one slot while the server reads it.
+        # It expects 100-continue, so the server says when it starts reading the body: only
+        # once the request holds its slot.
         slow.sendall(
             (
                 f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {busy}\r\n"
-                f"Content-Type: {NPY_MEDIA_TYPE}\r\nContent-Length: 1000000\r\n\r\n"
+                f"Content-Type: {NPY_MEDIA_TYPE}\r\nContent-Length: 1000000\r\n"
+                "Expect: 100-continue\r\n\r\n"
             ).encode()
-            + b"\x93NUMPY"
         )
-        time.sleep(0.5)
+        interim = b""
+        while b"\r\n\r\n" not in interim:  # each recv waits at most the socket's timeout
+            chunk = slow.recv(4096)
+            assert chunk, f"the server hung up after {interim!r}"
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        slow.sendall(b"\x93NUMPY")
         with httpx.Client(base_url=server.url) as http:
             refused = post(http, busy, images[:1])
             assert refused.status_code == 429
@@ -118,11 +125,14 @@ def test_a_key_has_at_most_its_share_of_requests_in_flight(server, images) -> No
             assert refused.headers["retry-after"] == "1"
             assert post(http, other, images[:1]).status_code == 200
     # The slow request's connection is gone: its slot is free again.
-    deadline = time.monotonic() + 10
     with httpx.Client(base_url=server.url) as http:
-        while (status := post(http, busy, images[:1]).status_code) != 200:
-            assert status == 429 and time.monotonic() < deadline
-            time.sleep(0.1)
+
+        def answered() -> bool:
+            status = post(http, busy, images[:1]).status_code
+            assert status in (200, 429), status  # refused only while the slot is still held
+            return status == 200
+
+        wait_until(answered, 10, what="busy's slot to be free")
 
 
 @pytest.mark.parametrize("limiter", ["memory", "redis"])
@@ -185,8 +195,11 @@ def test_idempotency_caps_each_clients_unfinished_requests() -> None:
     async def scenario() -> None:
         cache = IdempotencyCache(max_per_client=1)
         release = asyncio.Event()
+        computing = 0  # requests that got as far as computing their answer
 
         async def slow():
+            nonlocal computing
+            computing += 1
             await release.wait()
             return answer, None
 
@@ -194,7 +207,7 @@ def test_idempotency_caps_each_clients_unfinished_requests() -> None:
             return None
 
         first = asyncio.create_task(cache.run("a", "k1", "f1", slow, nothing_logged))
-        await asyncio.sleep(0.01)
+        await wait_until_async(lambda: computing == 1, what="the first request computing")
         assert cache.holds("a", "k1")
         with pytest.raises(ApiError) as refused:
             await cache.run("a", "k2", "f2", slow, nothing_logged)
@@ -204,7 +217,9 @@ def test_idempotency_caps_each_clients_unfinished_requests() -> None:
         assert reused.value.status == 422
         duplicate = asyncio.create_task(cache.run("a", "k1", "f1", slow, nothing_logged))
         other = asyncio.create_task(cache.run("b", "k1", "f1", slow, nothing_logged))
-        await asyncio.sleep(0.01)
+        # Tasks start in the order they were made: once b's request computes, the duplicate
+        # has started too, and nothing comes before its wait for the first's answer.
+        await wait_until_async(lambda: computing == 2, what="b's request computing")
         release.set()
         assert await first == (answer, False)
         assert await duplicate == (answer, True)  # waited for the first, computed nothing
@@ -232,9 +247,12 @@ class _GatedVictim:
 
     def __init__(self) -> None:
         self.gate = threading.Event()
+        self.passing = threading.Event()
+        """Set once a forward pass has begun: it holds the model until the gate opens."""
         self.batches: list[list[int]] = []
 
     def forward(self, images: np.ndarray) -> ForwardOutput:
+        self.passing.set()
         self.gate.wait(10)
         self.batches.append([int(image[0, 0, 0]) for image in images])
         n = len(images)
@@ -253,14 +271,14 @@ def test_the_model_queue_serves_clients_in_turn_and_is_bounded() -> None:
         # The first pass holds the model; then a heavy client queues four requests and a light
         # one a single request after them.
         running = asyncio.create_task(batcher.submit(_job(9, 2), "heavy"))
-        await asyncio.sleep(0.05)
+        await wait_until_async(victim.passing.is_set, what="the first pass to hold the model")
         heavy = [asyncio.create_task(batcher.submit(_job(1, 2), "heavy")) for _ in range(2)]
-        await asyncio.sleep(0.01)
+        await wait_until_async(lambda: batcher.queued_images == 4, what="heavy's 4 queued")
         with pytest.raises(QueueFull, match="share"):  # 4 of 8 queued: heavy's half is used
             await batcher.submit(_job(1), "heavy")
         light = asyncio.create_task(batcher.submit(_job(2, 2), "light"))
         other = asyncio.create_task(batcher.submit(_job(3, 2), "other"))
-        await asyncio.sleep(0.01)
+        await wait_until_async(lambda: batcher.queued_images == 8, what="8 images queued")
         with pytest.raises(QueueFull, match="full"):  # 8 of 8 queued
             await batcher.submit(_job(4), "late")
         victim.gate.set()

@@ -27,7 +27,7 @@ from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy
 from server.querylog import fetch_alerts, logged_flags
-from tests.helpers import ADMIN_TOKEN, REDIS_URL, bearer, create_key
+from tests.helpers import ADMIN_TOKEN, REDIS_URL, bearer, create_key, wait_until
 from tests.services import PrivateRedis
 
 pytestmark = pytest.mark.slow
@@ -125,9 +125,14 @@ def test_a_held_lock_is_refused_within_the_wait_and_spares_other_clients(
             begun = time.monotonic()
             return predict(client, key, pool[:1]).status_code, time.monotonic() - begun
 
+        batcher = client.app.state.service.batcher
+        passed = batcher.images
         with ThreadPoolExecutor(6) as senders:
             pending = [senders.submit(stuck_request, i) for i in range(6)]
-            time.sleep(0.2)  # they are in, waiting
+            # They are in, waiting: past its forward pass, each goes straight on to wait for
+            # the client's turn, well before the other client's request, sent next, has been
+            # through the model itself.
+            wait_until(lambda: batcher.images == passed + 6, 10, what="six forward passes")
             begun = time.monotonic()
             answered = predict(client, other, pool[:2])
             other_took = time.monotonic() - begun

@@ -21,7 +21,7 @@ def test_default_victim_reaches_90_percent(tmp_path) -> None:
     """The README's command, as is: cnn-small, 3 epochs, on train[:50000]."""
     out = tmp_path / "fashion"
     result = subprocess.run(
-        [sys.executable, "-m", "mlaas", "victim", "train", "--out", str(out)],
+        [sys.executable, "-m", "testbed", "victim", "train", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,

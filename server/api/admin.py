@@ -18,10 +18,20 @@ from pydantic import (
     field_validator,
 )
 
-from defense.monitor import Level, Policy, shared_account
+from defense.monitor import ClientStatus, Level, Policy, shared_account
 from server.api.deps import AdminCredentials, require_admin
 from server.api.docs import admin_errors
 from server.api.routers import admin_router
+from server.api.schemas import (
+    AlertRow,
+    ClientStanding,
+    CreatedKey,
+    KeyRow,
+    MonitorStatus,
+    QueryRow,
+    ServiceStats,
+    StandingStatus,
+)
 from server.errors import ApiError
 from server.inputs import media_type
 from server.keys import (
@@ -30,8 +40,9 @@ from server.keys import (
     KeyStoreError,
     NameConflict,
 )
+from server.options import MIN_RATE_LIMIT
 from server.querylog import count_queries, fetch_alerts, fetch_queries, logged_flags
-from server.ratelimit import MIN_RATE_LIMIT, LimitSpec
+from server.ratelimit import LimitSpec
 from server.state import get_state
 
 M = TypeVar("M", bound=BaseModel)
@@ -101,12 +112,6 @@ class NewKey(BaseModel):
         if isinstance(value, bool):
             raise ValueError("a number is needed, not a boolean")
         return value
-
-
-class CreatedKey(BaseModel):
-    name: str
-    account: str
-    key: str = Field(description="Shown once; the server stores only its hash")
 
 
 def _self_contained_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -186,12 +191,15 @@ async def create_key(request: Request, credentials: AdminCredentials) -> Created
     responses=admin_errors(503),
     summary="The API keys (never the keys themselves)",
 )
-def list_keys(request: Request) -> list[dict[str, Any]]:
-    return [k.to_row() for k in get_state(request).keys.list()]
+def list_keys(request: Request) -> list[KeyRow]:
+    return [KeyRow.model_validate(k.to_row()) for k in get_state(request).keys.list()]
 
 
 @admin_router.get(
     "/queries",
+    response_model=list[QueryRow],
+    # The log's rows as they are: input_png_base64 appears only when asked for.
+    response_model_exclude_unset=True,
     dependencies=[Depends(require_admin)],
     responses=admin_errors(422, 503),
     summary="The query log",
@@ -220,28 +228,29 @@ def list_queries(
     responses=admin_errors(),
     summary="Service counters",
 )
-def stats(request: Request) -> dict[str, Any]:
+def stats(request: Request) -> ServiceStats:
     state = get_state(request)
-    return {
-        "model": state.victim.card.name,
-        "granularity": str(state.granularity),
-        "batches": state.batcher.batches,
-        "images": state.batcher.images,
-        "log_mode": str(state.writer.mode),
-        "log_rows_written": state.writer.written,
-        "log_rows_pending": state.writer.pending,
-        "log_write_errors": state.writer.write_errors,
-        "log_rows_spooled": state.writer.spooled,
-        "alerts_written": state.writer.alerts_written,
-        "alerts_waiting": state.writer.alerts_waiting,  # of refused requests, for the database
-        "alerts_lost": state.writer.alerts_lost,
-        "detectors": [d.name for d in state.monitor.detectors] if state.monitor else [],
-        "rejected_by_status": dict(state.rejected),
-    }
+    return ServiceStats(
+        model=state.victim.card.name,
+        granularity=str(state.granularity),
+        batches=state.batcher.batches,
+        images=state.batcher.images,
+        log_mode=str(state.writer.mode),
+        log_rows_written=state.writer.written,
+        log_rows_pending=state.writer.pending,
+        log_write_errors=state.writer.write_errors,
+        log_rows_spooled=state.writer.spooled,
+        alerts_written=state.writer.alerts_written,
+        alerts_waiting=state.writer.alerts_waiting,
+        alerts_lost=state.writer.alerts_lost,
+        detectors=[d.name for d in state.monitor.detectors] if state.monitor else [],
+        rejected_by_status=dict(state.rejected),
+    )
 
 
 @admin_router.get(
     "/alerts",
+    response_model=list[AlertRow],
     dependencies=[Depends(require_admin)],
     responses=admin_errors(422, 503),
     summary="Detector alerts",
@@ -266,13 +275,21 @@ def list_alerts(
     )
 
 
+_FLAGGED: dict[Policy, StandingStatus] = {
+    Policy.monitor: "flagged",
+    Policy.block: "blocked",
+    Policy.deceive: "deceived",
+}
+"""A flagged client's status under each policy."""
+
+
 @admin_router.get(
     "/clients/{name}",
     dependencies=[Depends(require_admin)],
     responses=admin_errors(404, 422, 503),
     summary="One client's standing",
 )
-def client_standing(request: Request, name: str) -> dict[str, Any]:
+def client_standing(request: Request, name: str) -> ClientStanding:
     """The key's status counts its account's: a key whose shared account is flagged is
     blocked (or deceived) with the others. ``alerts`` holds the key's own alerts and its
     account's (``level`` tells them apart)."""
@@ -284,15 +301,17 @@ def client_standing(request: Request, name: str) -> dict[str, Any]:
     monitor = state.monitor
     standing = monitor.standing(name, key.account) if monitor is not None else None
     flagged = standing is not None and standing.flagged
-    if monitor is not None and not flagged and monitor.policy is not Policy.monitor:
+    policy = monitor.policy if monitor is not None else Policy.monitor
+    if monitor is not None and not flagged and policy is not Policy.monitor:
         # The policy holds a client flagged by a logged alert though Redis lost its record
         # (see server/prediction.py's _flags): say so here too.
         shared = shared_account(name, key.account)
-        flagged = bool(logged_flags(state.engine, name, shared, monitor.policy.value))
+        flagged = bool(logged_flags(state.engine, name, shared, policy.value))
+    status: StandingStatus
     if key.revoked_at is not None:
         status = "revoked"
     elif flagged:
-        status = {"block": "blocked", "deceive": "deceived"}.get(monitor.policy.value, "flagged")
+        status = _FLAGGED[policy]
     else:
         status = "active"
     alerts = fetch_alerts(state.engine, client=name, limit=None)
@@ -303,17 +322,17 @@ def client_standing(request: Request, name: str) -> dict[str, Any]:
         )
         alerts += [a for a in account_alerts if a["id"] not in seen]
         alerts.sort(key=lambda a: (a["time"], a["id"]))
-    return {
-        "client": name,
-        "account": key.account,
-        "status": status,
-        "granularity": key.granularity or str(state.granularity),
-        "queries_logged": count_queries(state.engine, name),
-        "monitor": standing.status.to_dict() if standing is not None else None,
-        "account_monitor": (
-            standing.account_status.to_dict()
-            if standing is not None and standing.account_status is not None
-            else None
-        ),
-        "alerts": alerts,
-    }
+    return ClientStanding(
+        client=name,
+        account=key.account,
+        status=status,
+        granularity=key.granularity or str(state.granularity),
+        queries_logged=count_queries(state.engine, name),
+        monitor=_monitor_status(standing.status if standing is not None else None),
+        account_monitor=_monitor_status(standing.account_status if standing is not None else None),
+        alerts=[AlertRow.model_validate(alert) for alert in alerts],
+    )
+
+
+def _monitor_status(status: ClientStatus | None) -> MonitorStatus | None:
+    return MonitorStatus.model_validate(status.to_dict()) if status is not None else None

@@ -58,7 +58,9 @@ def admin_errors(*statuses: int, json: bool = False) -> dict[int | str, dict[str
 
     ``json`` spells the JSON media type out, for a route whose response class is not JSON.
     """
-    responses = {status: _ADMIN_ERRORS[status] for status in sorted({401, 403, 429, *statuses})}
+    responses: dict[int | str, dict[str, Any]] = {
+        status: _ADMIN_ERRORS[status] for status in sorted({401, 403, 429, *statuses})
+    }
     if not json:
         return responses
     body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
@@ -15,15 +13,16 @@ from defense.state import is_outage
 from server.api.deps import require_admin
 from server.api.docs import admin_errors, error_responses
 from server.api.routers import public_router
+from server.api.schemas import Liveness, Readiness
 from server.errors import ApiError
-from server.querylog import LogMode
+from server.options import LogMode
 from server.settings import RedisFailure
 from server.state import ServiceState, get_state
 
 
 @public_router.get("/healthz", summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> Liveness:
+    return Liveness(status="ok")
 
 
 @public_router.get(
@@ -31,14 +30,15 @@ async def healthz() -> dict[str, str]:
     responses=error_responses({503: "Not ready: a component it needs does not answer"}),
     summary="Readiness: model, batcher, log writer, database and Redis",
 )
-async def readyz(request: Request) -> dict[str, Any]:
+async def readyz(request: Request) -> Readiness:
     """503 while a request would be refused for want of a component. What the deployment
     answers without (a database under buffered logging, Redis failing open) is listed as
     ``degraded`` instead, so that a load balancer keeps sending traffic."""
     state: ServiceState | None = getattr(request.app.state, "service", None)
     if state is None:
         raise ApiError(503, "not_ready", "the service is starting")
-    problems, degraded = [], []
+    problems: list[str] = []
+    degraded: list[str] = []
     if not state.batcher.running:
         problems.append("the model's batcher is not running")
     if not state.writer.alive:
@@ -64,7 +64,7 @@ async def readyz(request: Request) -> dict[str, Any]:
         degraded.append(f"{state.writer.spooled} log rows are spooled for the database")
     if problems:
         raise ApiError(503, "not_ready", "; ".join(problems))
-    return {"status": "ready", "model": state.victim.card.name, "degraded": degraded}
+    return Readiness(status="ready", model=state.victim.card.name, degraded=degraded)
 
 
 def _ping_database(state: ServiceState) -> None:

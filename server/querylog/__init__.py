@@ -33,6 +33,7 @@ with backoff; any other error (a constraint violation, say) is a warning, at mos
 minute while it repeats, never mistaken for "the database is still away".
 """
 
+from server.options import LogMode
 from server.querylog.queries import (
     count_queries,
     fetch_alerts,
@@ -45,7 +46,6 @@ from server.querylog.queries import (
 )
 from server.querylog.records import (
     DuplicateRequest,
-    LogMode,
     LogUnavailable,
     PendingQuery,
     _to_row,

@@ -9,7 +9,6 @@ import hashlib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,11 +19,6 @@ from mlaas.wire import encode_png
 
 if TYPE_CHECKING:  # typing only: importing the monitor would load scipy for the log alone
     from defense.monitor import Alert
-
-
-class LogMode(StrEnum):
-    durable = "durable"
-    buffered = "buffered"
 
 
 class LogUnavailable(Exception):

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import delete, func, insert, inspect, select, text, tuple_
+from sqlalchemy import Insert, delete, func, insert, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -18,7 +18,14 @@ from server.querylog.records import _describe
 log = logging.getLogger(__name__)
 
 
-_ON_CONFLICT_DO_NOTHING = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+def _insert_ignoring_conflicts(dialect: str) -> Insert | None:
+    """An INSERT of query rows that skips a row clashing with one held, where the dialect
+    has ON CONFLICT DO NOTHING; None elsewhere."""
+    if dialect == "postgresql":
+        return postgresql.insert(QueryRecord).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite.insert(QueryRecord).on_conflict_do_nothing()
+    return None
 
 
 def insert_new_queries(session: Session, rows: list[dict[str, Any]]) -> set[str]:
@@ -32,9 +39,8 @@ def insert_new_queries(session: Session, rows: list[dict[str, Any]]) -> set[str]
     """
     if not rows:
         return set()
-    insert_ignoring = _ON_CONFLICT_DO_NOTHING.get(session.get_bind().dialect.name)
-    if insert_ignoring is not None:
-        statement = insert_ignoring(QueryRecord).on_conflict_do_nothing()
+    statement = _insert_ignoring_conflicts(session.get_bind().dialect.name)
+    if statement is not None:
         return set(session.execute(statement.returning(QueryRecord.id), rows).scalars())
     ids = [row["id"] for row in rows]
     held_ids = set(session.scalars(select(QueryRecord.id).where(QueryRecord.id.in_(ids))))
@@ -86,26 +92,9 @@ class Spool:
         # what the spool is for, but not a power cut; buffered mode answers before its rows
         # are anywhere, so FULL's extra flush per write would buy it nothing it promises.
         self.engine = make_engine(f"sqlite:///{path}", durable=False)
-        self._add_new_columns()
-        init_db(self.engine)  # the log's own tables, in a local file
-
-    def _add_new_columns(self) -> None:
-        """Add to a spool an older version left the nullable columns added since (such as
-        ``queries.statistics``): its rows are answered queries that must still reach the
-        database, and the spool is this server's own file, so it is upgraded, not refused."""
-        inspector = inspect(self.engine)
-        with self.engine.begin() as connection:
-            for table in (QueryRecord.__table__, AlertRecord.__table__):
-                if not inspector.has_table(table.name):
-                    continue
-                present = {column["name"] for column in inspector.get_columns(table.name)}
-                for column in table.columns:
-                    if column.name in present or not column.nullable:
-                        continue
-                    kind = column.type.compile(dialect=self.engine.dialect)
-                    connection.execute(
-                        text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
-                    )
+        # The log's own tables, in a local file; one an older version left is upgraded, not
+        # refused: its rows are answered queries that must still reach the database.
+        init_db(self.engine)
 
     def put(self, rows: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> int:
         """Keep rows and alerts; how many were kept.

@@ -21,10 +21,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from server.backoff import Backoff
 from server.db import AlertRecord, QueryRecord
+from server.options import LogMode
 from server.querylog.records import (
     DuplicateRequest,
-    LogMode,
     LogUnavailable,
     PendingQuery,
     _describe,
@@ -93,13 +94,13 @@ class QueryLogWriter:
         self.spooled = self._spool.count() if self._spool is not None else 0
         """Rows and alerts in the spool, waiting for the database."""
         self._next_move = 0.0
-        self._move_delay = 0.05
+        self._move_backoff = Backoff(0.1, max_retry_delay_s)
         self._spool_trouble = _Repeating()
         self._kept_alerts: list[dict[str, Any]] = []
         """Alerts of requests whose commit failed: written on their own once it can be."""
         self._max_kept_alerts = max_kept_alerts
         self._next_alert_try = 0.0
-        self._alert_delay = 0.05
+        self._alert_backoff = Backoff(0.1, max_retry_delay_s)
         self._alert_trouble = _Repeating()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pending_rows = 0
@@ -184,8 +185,9 @@ class QueryLogWriter:
         while not stopping:
             units: list[_Unit] = []
             rows = 0
-            deadline = None
+            deadline: float | None = None
             while rows < self._flush_rows:
+                timeout: float | None
                 if self.mode is LogMode.durable and units:
                     timeout = 0.0  # group commit: take what is queued, never wait for more
                 else:
@@ -300,7 +302,7 @@ class QueryLogWriter:
                 unit.done.set_exception(error)
 
     def _write_until_done(self, units: list[_Unit]) -> None:
-        delay = 0.05
+        backoff = Backoff(0.05, self._max_retry_delay_s)
         while True:
             try:
                 skipped = self._insert(units, skip_logged=True)
@@ -328,6 +330,7 @@ class QueryLogWriter:
                 if self._to_spool(units, exc):
                     return
                 # Keep the rows and try again: losing answered queries would blind the log.
+                delay = backoff.next()
                 log.warning(
                     "query log write failed, %d rows wait; retrying in %.2f s: %s",
                     self.pending,
@@ -338,7 +341,6 @@ class QueryLogWriter:
                     self.lost += self._drain_on_give_up(units)
                     return
                 time.sleep(delay)
-                delay = min(delay * 2, self._max_retry_delay_s)
         self._succeed(units)
 
     def _to_spool(self, units: list[_Unit], error: Exception) -> bool:
@@ -381,17 +383,17 @@ class QueryLogWriter:
                         self._spool.path,  # type: ignore[union-attr]
                         exc,
                     )
-                self._move_delay = min(self._move_delay * 2, self._max_retry_delay_s)
-                self._next_move = time.monotonic() + self._move_delay
+                delay = self._move_backoff.next()
+                self._next_move = time.monotonic() + delay
                 if (
                     not until_empty
                     or self._give_up_at is None
                     or time.monotonic() > self._give_up_at
                 ):
                     return
-                time.sleep(self._move_delay)
+                time.sleep(delay)
                 continue
-            self._move_delay = 0.05
+            self._move_backoff.reset()
             self.healthy = True
             self.written += moved.written
             self.alerts_written += moved.alerts
@@ -436,8 +438,8 @@ class QueryLogWriter:
                         len(self._kept_alerts),
                         exc,
                     )
-                self._alert_delay = min(self._alert_delay * 2, self._max_retry_delay_s)
-                self._next_alert_try = time.monotonic() + self._alert_delay
+                delay = self._alert_backoff.next()
+                self._next_alert_try = time.monotonic() + delay
                 if not until_empty:
                     return
                 if self._give_up_at is None or time.monotonic() > self._give_up_at:
@@ -448,11 +450,11 @@ class QueryLogWriter:
                     )
                     self._kept_alerts.clear()
                     return
-                time.sleep(self._alert_delay)
+                time.sleep(delay)
                 continue
             del self._kept_alerts[: len(alerts)]
             self.alerts_written += len(alerts)
-            self._alert_delay = 0.05
+            self._alert_backoff.reset()
             log.info("query log: %d alerts of failed commits written", len(alerts))
 
     def _drain_on_give_up(self, units: list[_Unit]) -> int:

@@ -10,11 +10,11 @@ to standard error, so that scripts can capture a command's output
 from __future__ import annotations
 
 # Importing the command modules registers their commands on ``app``, in help order.
-from testbed.cli import attack, data, defense, experiment, service
+from testbed.cli import attack, data, db, defense, experiment, service
 from testbed.cli.common import app
 from testbed.cli.service import parse_since
 
-__all__ = ["app", "attack", "data", "defense", "experiment", "main", "parse_since", "service"]
+__all__ = ["app", "attack", "data", "db", "defense", "experiment", "main", "parse_since", "service"]
 
 
 def main() -> None:

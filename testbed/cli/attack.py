@@ -1,20 +1,25 @@
-"""The attacker: `mlaas attack knockoff|realistic|copycat|jbda`."""
+"""The attacker: `mlaas attack knockoff|realistic|copycat|jbda`.
+
+Each command's attack options come from its attack's model in :mod:`attacker.config`:
+field ``name_x`` is option ``--name-x``, with the field's description as help and its
+default. The run options, which every command shares and which are not part of the attack's
+recorded configuration (keys never are), are declared once below.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
+from pydantic.fields import FieldInfo
 
-from testbed.cli.common import (
-    attack_app,
-    err,
-    fail,
-)
+from attacker.config import CONFIG_CLASSES, BaseAttackConfig, for_attack
+from testbed.cli.common import attack_app, err, fail
 
-# ---------------------------------------------------------------------------- attacks
+# ------------------------------------------------------------------------ run options
 Url = Annotated[str, typer.Option(envvar="MLAAS_URL", help="The prediction API's base URL")]
 Keys = Annotated[
     list[str],
@@ -23,12 +28,6 @@ Keys = Annotated[
     ),
 ]
 Out = Annotated[Path, typer.Option("--out", help="Run directory (rerun it to resume)")]
-Budget = Annotated[int, typer.Option(help="Hard limit on images the victim answers")]
-Transfer = Annotated[
-    str | None, typer.Option(help="Transfer set: a registered data set or an ImageFolder path")
-]
-Arch = Annotated[str, typer.Option(help="Substitute architecture (independent of the victim's)")]
-Epochs = Annotated[int | None, typer.Option(help="Substitute training epochs per checkpoint")]
 EvalKey = Annotated[
     str | None,
     typer.Option(help="Experimenter key for the victim's test labels (fidelity); not budgeted"),
@@ -37,50 +36,113 @@ Oracle = Annotated[
     Path | None,
     typer.Option(help="Victim labels from `mlaas victim oracle`, instead of --eval-key"),
 ]
-TestSet = Annotated[str, typer.Option(help="Where accuracy and fidelity are measured")]
-EvalSize = Annotated[int | None, typer.Option(help="Seeded subset of the test set")]
-Checkpoints = Annotated[
-    str, typer.Option(help="Budgets at which the substitute is trained and measured")
-]
-Seed = Annotated[int, typer.Option(help="Seeds every random choice")]
 Throttle = Annotated[float | None, typer.Option(help="At most this many images per second")]
 Concurrency = Annotated[int, typer.Option(help="Requests in flight at once")]
 QueryBatch = Annotated[int, typer.Option(help="Images per request")]
-Cover = Annotated[
-    str | None, typer.Option(help="Cover traffic data set, interleaved with the attack's queries")
-]
-CoverRate = Annotated[float, typer.Option(help="Share of the budget spent on cover traffic")]
-Pretrained = Annotated[str | None, typer.Option(help="'imagenet' for a pretrained substitute")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars")]
 
 
+def _run_options(attack: str) -> tuple[list[inspect.Parameter], list[inspect.Parameter]]:
+    """The run options before the attack's own, and after them (as in each command's help)."""
+
+    def option(name: str, annotation: object, default: Any = inspect.Parameter.empty):
+        return inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+        )
+
+    return (
+        [option("url", Url), option("key", Keys), option("out", Out, Path(f"runs/{attack}"))],
+        [
+            option("eval_key", EvalKey, None),
+            option("oracle", Oracle, None),
+            option("throttle", Throttle, None),
+            option("concurrency", Concurrency, 4),
+            option("query_batch", QueryBatch, 64),
+            option("quiet", Quiet, False),
+        ],
+    )
+
+
+# ------------------------------------------------------------------ attack options
+# Left to experiment files and the Python API: the commands never offered them.
+_NOT_OFFERED = frozenset(
+    {"transfer_size", "train_batch_size", "optimizer", "lr", "augment", "val_fraction",
+     "patience", "device", "bandit_lr", "step", "retrain_every"}
+)  # fmt: skip
+_OFFERED_BY = {"realistic": {"patience"}}  # the realistic attack stops early by design
+# Options these attacks take that their commands never offered; they keep their options.
+_NOT_OFFERED_BY = {"copycat": {"cover", "cover_rate"}, "jbda": {"pretrained"}}
+_FLAGS = {"jbda_lambda": "--lambda", "jbda_tau": "--tau"}
+
+
+def _offered(attack: str, name: str, field: FieldInfo) -> bool:
+    annotation = field.annotation
+    if get_origin(annotation) is Literal and len(get_args(annotation)) == 1:
+        return False  # fixed for the attack: its name, copycat's label_only
+    if name in _NOT_OFFERED_BY.get(attack, ()):
+        return False
+    return name not in _NOT_OFFERED or name in _OFFERED_BY.get(attack, ())
+
+
+def _attack_option(name: str, field: FieldInfo) -> inspect.Parameter:
+    annotation: Any = field.annotation
+    default = field.get_default(call_default_factory=True)
+    if name == "checkpoints":  # a comma list on the command line
+        annotation, default = str, ",".join(str(c) for c in default)
+    flags = [_FLAGS[name]] if name in _FLAGS else []
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
+        annotation=Annotated[annotation, typer.Option(*flags, help=field.description)],
+    )
+
+
+def _register(attack: str, model: type[BaseAttackConfig]) -> None:
+    before, after = _run_options(attack)
+    own = [
+        _attack_option(name, field)
+        for name, field in model.model_fields.items()
+        if _offered(attack, name, field)
+    ]
+
+    def command(**options: Any) -> None:
+        _attack(attack, options)
+
+    # typer reads the options from the signature, which inspect.signature takes from
+    # __signature__ (an attribute functions do not declare, hence the ignore).
+    command.__signature__ = inspect.Signature([*before, *own, *after])  # type: ignore[attr-defined]
+    command.__doc__ = model.__doc__
+    attack_app.command(attack)(command)
+
+
+_RUN_OPTIONS = ("url", "key", "out", "eval_key", "oracle", "throttle", "concurrency",
+                "query_batch", "quiet")  # fmt: skip
+
+
 def _attack(attack: str, options: dict[str, Any]) -> None:
-    from attacker.attacks import AttackConfig
     from attacker.client import BudgetExhausted, KeyRefused, RateLimited
     from attacker.runner import ConfigMismatch, run_attack
     from mlaas.datasets import DatasetUnavailable
     from mlaas.models import PretrainedWeightsUnavailable
 
-    run_options = {
-        k: options.pop(k)
-        for k in ("url", "key", "out", "eval_key", "oracle", "throttle", "concurrency",
-                  "query_batch", "quiet")
-    }  # fmt: skip
+    run = {k: options.pop(k) for k in _RUN_OPTIONS}
     try:
-        checkpoints = [int(c) for c in options.pop("checkpoints").split(",") if c.strip()]
-        given = {k: v for k, v in options.items() if v is not None}  # None: not given
-        config = AttackConfig.for_attack(attack, checkpoints=checkpoints, **given)
+        if "checkpoints" in options:
+            listed = options["checkpoints"].split(",")
+            options["checkpoints"] = [int(c) for c in listed if c.strip()]
+        config = for_attack(attack, **options)
         metrics = run_attack(
             config,
-            url=run_options["url"],
-            keys=run_options["key"],
-            out=run_options["out"],
-            eval_key=run_options["eval_key"],
-            oracle=run_options["oracle"],
-            query_batch=run_options["query_batch"],
-            concurrency=run_options["concurrency"],
-            throttle_qps=run_options["throttle"],
-            progress=not run_options["quiet"],
+            url=run["url"],
+            keys=run["key"],
+            out=run["out"],
+            eval_key=run["eval_key"],
+            oracle=run["oracle"],
+            query_batch=run["query_batch"],
+            concurrency=run["concurrency"],
+            throttle_qps=run["throttle"],
+            progress=not run["quiet"],
             console=err,
         )
     except (
@@ -93,127 +155,10 @@ def _attack(attack: str, options: dict[str, Any]) -> None:
     err.print(
         f"[green]done[/]: {final['queries']} queries, substitute accuracy {final['accuracy']:.2%}"
         + (f", fidelity {fidelity:.2%}" if fidelity is not None else "")
-        + f"; run directory {run_options['out']}"
+        + f"; run directory {run['out']}"
     )
     print(json.dumps(final))
 
 
-_DEFAULT_CHECKPOINTS = "500,1000,2000,5000,10000"
-
-
-@attack_app.command("knockoff")
-def attack_knockoff(
-    url: Url,
-    key: Keys,
-    out: Out = Path("runs/knockoff"),
-    budget: Budget = 5000,
-    transfer: Transfer = "natural-crops",
-    strategy: Annotated[str, typer.Option(help="random or adaptive (gradient bandit)")] = "random",
-    reward: Annotated[str, typer.Option(help="adaptive reward: cert, div, loss or all")] = "all",
-    clusters: Annotated[int, typer.Option(help="adaptive actions when the set has no labels")] = 20,
-    arch: Arch = "cnn-small",
-    pretrained: Pretrained = None,
-    epochs: Epochs = None,
-    label_only: Annotated[bool, typer.Option(help="Train on top-1 labels only")] = False,
-    checkpoints: Checkpoints = _DEFAULT_CHECKPOINTS,
-    eval_key: EvalKey = None,
-    oracle: Oracle = None,
-    test_set: TestSet = "fashion-mnist:test",
-    eval_size: EvalSize = None,
-    cover: Cover = None,
-    cover_rate: CoverRate = 0.0,
-    throttle: Throttle = None,
-    concurrency: Concurrency = 4,
-    query_batch: QueryBatch = 64,
-    seed: Seed = 0,
-    quiet: Quiet = False,
-) -> None:
-    """Knockoff nets: natural images from another distribution, labelled by the victim."""
-    _attack("knockoff", dict(locals()))
-
-
-@attack_app.command("realistic")
-def attack_realistic(
-    url: Url,
-    key: Keys,
-    out: Out = Path("runs/realistic"),
-    budget: Budget = 5000,
-    transfer: Transfer = "fashion-mnist:pool",
-    arch: Arch = "cnn-small",
-    pretrained: Pretrained = None,
-    epochs: Annotated[
-        int | None, typer.Option(help="Most epochs; early stopping ends sooner")
-    ] = None,
-    patience: Annotated[int | None, typer.Option(help="Early-stopping patience (epochs)")] = None,
-    checkpoints: Checkpoints = _DEFAULT_CHECKPOINTS,
-    eval_key: EvalKey = None,
-    oracle: Oracle = None,
-    test_set: TestSet = "fashion-mnist:test",
-    eval_size: EvalSize = None,
-    cover: Cover = None,
-    cover_rate: CoverRate = 0.0,
-    throttle: Throttle = None,
-    concurrency: Concurrency = 4,
-    query_batch: QueryBatch = 64,
-    seed: Seed = 0,
-    quiet: Quiet = False,
-) -> None:
-    """Atli et al.'s realistic adversary: in-domain public data and strong training choices
-    (augmentation, LR schedule, early stopping on a split of its own queries)."""
-    _attack("realistic", dict(locals()))
-
-
-@attack_app.command("copycat")
-def attack_copycat(
-    url: Url,
-    key: Keys,
-    out: Out = Path("runs/copycat"),
-    budget: Budget = 5000,
-    transfer: Transfer = "natural-crops",
-    arch: Arch = "cnn-small",
-    pretrained: Pretrained = None,
-    epochs: Epochs = None,
-    checkpoints: Checkpoints = _DEFAULT_CHECKPOINTS,
-    eval_key: EvalKey = None,
-    oracle: Oracle = None,
-    test_set: TestSet = "fashion-mnist:test",
-    eval_size: EvalSize = None,
-    throttle: Throttle = None,
-    concurrency: Concurrency = 4,
-    query_batch: QueryBatch = 64,
-    seed: Seed = 0,
-    quiet: Quiet = False,
-) -> None:
-    """Copycat CNN: non-problem-domain images, trained on the victim's labels only."""
-    _attack("copycat", dict(locals()))
-
-
-@attack_app.command("jbda")
-def attack_jbda(
-    url: Url,
-    key: Keys,
-    out: Out = Path("runs/jbda"),
-    budget: Budget = 5000,
-    transfer: Annotated[str | None, typer.Option(help="Where the seed set comes from")] = (
-        "fashion-mnist:pool"
-    ),
-    seed_size: Annotated[int, typer.Option(help="Initial in-domain images")] = 150,
-    jbda_lambda: Annotated[
-        float, typer.Option("--lambda", help="Step size, in [0, 1] pixels")
-    ] = 0.1,
-    jbda_tau: Annotated[int, typer.Option("--tau", help="Rounds between sign flips")] = 3,
-    arch: Arch = "cnn-small",
-    epochs: Epochs = None,
-    eval_key: EvalKey = None,
-    oracle: Oracle = None,
-    test_set: TestSet = "fashion-mnist:test",
-    eval_size: EvalSize = None,
-    throttle: Throttle = None,
-    concurrency: Concurrency = 4,
-    query_batch: QueryBatch = 64,
-    seed: Seed = 0,
-    quiet: Quiet = False,
-) -> None:
-    """Papernot et al.'s JBDA: a small seed set, doubled each round along the substitute's
-    Jacobian, every round queried through the API."""
-    _attack("jbda", {**locals(), "checkpoints": ""})
+for _name, _model in CONFIG_CLASSES.items():
+    _register(_name, _model)

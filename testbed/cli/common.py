@@ -68,7 +68,7 @@ def _server_settings(**overrides: Any):
 def _database(settings: Any):
     from sqlalchemy.exc import OperationalError
 
-    from server.db import SchemaOutdated, init_db, make_engine
+    from server.db import SchemaError, init_db, make_engine
 
     # The server's timeouts, but no statement limit: an export of a whole log may take long.
     engine = make_engine(
@@ -77,7 +77,7 @@ def _database(settings: Any):
     )
     try:
         init_db(engine)
-    except SchemaOutdated as exc:
+    except SchemaError as exc:
         raise fail(str(exc)) from exc
     except OperationalError as exc:
         raise fail(f"the database does not answer: {exc.orig}") from exc

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, cast
 
 import typer
 from rich.table import Table
@@ -85,12 +85,14 @@ def victim_train(
     from testbed.victim import train_victim
 
     try:
+        # The options are free text on the command line: TrainConfig checks both names and
+        # raises ValueError for an unknown one, which is reported below.
         config = TrainConfig(
             epochs=epochs,
             batch_size=batch_size,
-            optimizer=optimizer,
+            optimizer=cast(Literal["adam", "sgd"], optimizer),
             lr=lr,
-            schedule=schedule,
+            schedule=cast(Literal["none", "cosine", "onecycle", "step"], schedule),
             augment=augment,
             seed=seed,
             device=device,

@@ -83,14 +83,16 @@ def demo(
 ) -> None:
     """The testbed in one command: serve the victim with detectors, let benign clients and
     three attackers at it side by side, and report who stole what and who was caught."""
-    from testbed.demo import DemoPlan, run_demo
+    from testbed.demo import DemoError, demo_config, run_demo
 
-    plan = DemoPlan(
-        benign_clients=benign_clients,
-        benign_queries=benign_queries,
-        knockoff_budget=budget,
-        realistic_budget=budget,
-        jbda_budget=max(budget, 300),
-        eval_size=eval_size,
-    )
-    run_demo(victim_dir=victim, workdir=workdir, console=err, out=out, plan=plan)
+    try:
+        config = demo_config(
+            victim_dir=victim,
+            benign_clients=benign_clients,
+            benign_queries=benign_queries,
+            budget=budget,
+            eval_size=eval_size,
+        )
+        run_demo(config, workdir, console=err, out=out)
+    except (ValueError, DemoError) as exc:  # options out of range, or no victim to serve
+        raise fail(str(exc)) from exc

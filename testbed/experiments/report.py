@@ -1,6 +1,7 @@
 """An experiment's report: Markdown tables and PNG plots of what the paper measures.
 
-Sections: every cell; accuracy and fidelity against queries; probabilities vs top-k vs label;
+Sections: each server group whose clients ran side by side; every cell; accuracy and fidelity
+against queries; probabilities vs top-k vs label;
 victim/substitute architecture mismatch; pretrained vs from scratch; detection (attack x
 detector, queries to detection, benign false alarms); perturbation defenses (what they cost
 the attacker and benign users); and the paper's four claims, each with what this run measured
@@ -27,8 +28,8 @@ def load_records(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
 
     records = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     if (out / "config.yaml").exists():
-        current = {c.id for c in ExperimentConfig.load(out / "config.yaml").cells()}
-        records = [r for r in records if r["id"] in current]
+        order = {c.id: i for i, c in enumerate(ExperimentConfig.load(out / "config.yaml").cells())}
+        records = sorted((r for r in records if r["id"] in order), key=lambda r: order[r["id"]])
     groups = {
         json.loads(p.read_text())["group"]: json.loads(p.read_text())
         for p in sorted((out / "groups").glob("*.json"))
@@ -84,6 +85,7 @@ def write_report(out: Path) -> Path:
     lines = [f"# Experiment report: {out.name}", ""]
     lines += [f"{len(ok)} cells measured, {len(failed)} failed.", ""]
     lines += _claims(ok, groups)
+    lines += _side_by_side(ok + failed, groups)
     lines += ["## Every cell", ""]
     lines += _table(
         ["victim", "defense", "granularity", "attacker", "seed", "queries", "accuracy",
@@ -119,6 +121,57 @@ def write_report(out: Path) -> Path:
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def _side_by_side(records: list[dict[str, Any]], groups: dict) -> list[str]:
+    """Per group whose clients queried one server at once: every client as the provider saw
+    it, and each attack's own curve."""
+    lines = []
+    for group_id, group in groups.items():
+        if not group.get("side_by_side"):
+            continue
+        attackers = [r for r in records if r.get("group") == group_id]
+        defense, benign = group["defense"], group["benign"]["clients"]
+        clients = sum(c["queries_logged"] for c in benign)
+        clients += sum(r.get("queries_logged", 0) for r in attackers)
+        lines += [
+            f"## Side by side: {group_id}",
+            "",
+            f"{group['victim']['name']} (test accuracy {_pct(group['victim']['test_accuracy'])}) "
+            f"with detectors {', '.join(defense['detectors']) or 'none'} (policy "
+            f"{defense['policy']}); {clients:,} client queries and "
+            f"{group['experimenter_queries']:,} experimenter queries answered, "
+            f"{group['log_rows']:,} log rows; {group['seconds']:.0f} s.",
+            "",
+        ]
+        rows = [
+            [c["client"], f"{c['queries_logged']:,}", "-", "-", _pct(c["accuracy"]),
+             alerts_text(c["alerts"])]
+            for c in benign
+        ]  # fmt: skip
+        for r in attackers:
+            final = _final(r) if r["status"] == "ok" else {"accuracy": None, "fidelity": None}
+            name = r["cell"]["attacker"]["name"] + ("" if r["status"] == "ok" else " (failed)")
+            queries = f"{r.get('queries_logged', 0):,}"
+            scores = [_pct(final["accuracy"]), _pct(final["fidelity"]), "-"]
+            rows.append([name, queries, *scores, alerts_text(r.get("alerts") or {})])
+        header = ["client", "queries", "substitute accuracy", "fidelity"]
+        header += ["accuracy through the API", "alerts (detector @ query)"]
+        lines += _table(header, rows)
+        alarmed = sum(1 for c in benign if c["alerts"])
+        lines += ["", f"Benign false alarms: {alarmed} of {len(benign)} clients.", ""]
+        lines += [
+            f"![{r['cell']['attacker']['name']}]({r['run_dir']}/curve.png)"
+            for r in attackers
+            if r["status"] == "ok"
+        ]
+        lines.append("")
+    return lines
+
+
+def alerts_text(alerts: dict[str, int]) -> str:
+    """``detector @ query count``, earliest first."""
+    return ", ".join(f"{d} @ {q}" for d, q in sorted(alerts.items(), key=lambda a: a[1])) or "-"
 
 
 def _first_alert(record: dict[str, Any]) -> str:

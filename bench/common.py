@@ -1,0 +1,66 @@
+"""What several benchmarks share: a random-init victim to serve, random images to send, and
+CPU time read from /proc."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlaas.images import InputShape
+from mlaas.models import build_model
+from mlaas.modelstore import ModelCard, save_model
+
+NUM_CLASSES = 10
+
+
+def save_victim(root: Path, arch: str, shape: InputShape, seed: int) -> Path:
+    """A random-init victim with a valid model card: enough for throughput."""
+    torch.manual_seed(seed)
+    model = build_model(arch, NUM_CLASSES, shape)
+    card = ModelCard(
+        name=f"bench-{arch}",
+        architecture=arch,
+        dataset="random-init",
+        num_classes=NUM_CLASSES,
+        classes=[f"class-{i}" for i in range(NUM_CLASSES)],
+        input_shape=str(shape),
+        mean=model.mean.flatten().tolist(),
+        std=model.std.flatten().tolist(),
+        seed=seed,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+    )
+    return save_model(root / arch, model, card)
+
+
+def random_images(shape: InputShape, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(count, *shape.hwc), dtype=np.uint8)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+    except OSError:
+        return float("nan"), float("nan")
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    steal = values[7] if len(values) > 7 else 0
+    guest = sum(values[8:10])  # already counted in user/nice
+    return (sum(values) - idle - steal - guest) / _TICK, steal / _TICK
