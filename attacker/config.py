@@ -202,9 +202,7 @@ CONFIG_CLASSES: dict[str, type[BaseAttackConfig]] = {
     "jbda": JbdaConfig,
 }
 ATTACKS = tuple(CONFIG_CLASSES)
-# mypy sees the union alias as a value of type UnionType, not as the type form (PEP 747)
-# that TypeAdapter takes and checks at run time.
-_ADAPTER = TypeAdapter[AttackConfig](AttackConfig)  # type: ignore[arg-type]
+_ADAPTER: TypeAdapter[AttackConfig] = TypeAdapter(AttackConfig)
 
 
 def parse_attack_config(data: Mapping[str, Any]) -> AttackConfig:

@@ -52,6 +52,16 @@ def base(**changes) -> dict:
         ({"victims": [{"name": "v"}, {"name": "v"}]}, "unique"),
         ({"attackers": [{"name": "k", "attack": "knockoff", "budgets": []}]}, "budgets"),
         ({"surprise": 1}, "surprise"),
+        # Side by side, an attacker's key is named after it: not as the harness's own keys.
+        (
+            {
+                "side_by_side": True,
+                "attackers": [{"name": "benign-1", "attack": "knockoff", "budgets": [5]}],
+            },
+            "benign keys",
+        ),
+        ({"run_name": "{attacker}", "granularities": ["probs", "label"]}, "one run directory"),
+        ({"run_name": "{attack}"}, "unknown field"),
     ],
 )
 def test_bad_configs_are_refused_clearly(changes: dict, message: str) -> None:

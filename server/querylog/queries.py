@@ -101,7 +101,8 @@ def fetch_statistics(
         .limit(limit)
     )
     with Session(engine) as session:
-        return [row for row in session.scalars(statement) if isinstance(row, dict)]
+        statistics: list[Any] = list(session.scalars(statement))
+    return [row for row in statistics if isinstance(row, dict)]
 
 
 def count_queries(engine: Engine, client: str | None = None, since: datetime | None = None) -> int:

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 # PyYAML has no inline types, and its stubs (types-PyYAML) are no dependency of this project.
-import yaml  # type: ignore[import-untyped]
+# mypy reports that here, or not at all when it met yaml first inside pydantic-settings (which
+# depends on the order it reads the tree in): hence unused-ignore beside import-untyped.
+import yaml  # type: ignore[import-untyped, unused-ignore]
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlaas.shifts import HELD_OUT_SHIFTS, parse_shifts

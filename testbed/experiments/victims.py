@@ -19,6 +19,7 @@ from testbed.experiments.config import VictimSpec
 def ensure_victim(
     out: Path, spec: VictimSpec, seed: int, device: str, console: Console
 ) -> tuple[Path, ModelCard]:
+    """The victim's directory and model card; trained into it first where it holds none."""
     from mlaas.training import TrainConfig
     from testbed.victim import train_victim
 
