@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from defense.detectors import DEFAULT_DETECTORS
+from defense.training import train_detectors
 from mlaas.shifts import HELD_OUT_SHIFTS
 from testbed.demo import PRESET, demo_config
 from testbed.experiments.config import ExperimentConfig
@@ -51,8 +52,9 @@ def test_the_preset_takes_the_commands_options(tmp_path: Path) -> None:
 def test_side_by_side_runs_every_client_at_once_and_resumes(
     tiny_victim: Path, tmp_path: Path
 ) -> None:
-    victim = tmp_path / "victim"  # detectors are trained into it: not the shared fixture
+    victim = tmp_path / "victim"  # detectors go into it: not the shared fixture
     shutil.copytree(tiny_victim, victim)
+    train_detectors(["ood-binary"], victim, size=1500)  # small: the harness reuses it
     config = ExperimentConfig.model_validate(
         {
             "name": "sbs",

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
+from defense.detectors import DEFAULT_DETECTORS
+from defense.training import train_detectors
 from mlaas.datasets import load_dataset
 from mlaas.images import InputShape
 from mlaas.wire import NPY_MEDIA_TYPE, encode_npy, encode_png
@@ -137,10 +140,15 @@ def test_serve_refuses_a_missing_victim_clearly(tmp_path) -> None:
 
 
 def test_demo_runs_to_the_end(tiny_victim, tmp_path) -> None:
+    # The demo trains the detectors a victim lacks: a copy of the shared victim, given small
+    # ones beforehand (the demo's own take 10,000 images a set), which the demo then reuses.
+    victim = tmp_path / "victim"
+    shutil.copytree(tiny_victim, victim)
+    train_detectors(list(DEFAULT_DETECTORS), victim, size=1500)
     workdir = tmp_path / "demo"
     result = mlaas(
         {"MLAAS_VAR_DIR": str(tmp_path / "var")},
-        "demo", "--victim", str(tiny_victim), "--workdir", str(workdir),
+        "demo", "--victim", str(victim), "--workdir", str(workdir),
         "--benign-clients", "2", "--benign-queries", "60", "--budget", "200", "--eval-size", "300",
     )  # fmt: skip
     summary = json.loads((workdir / "summary.json").read_text())
