@@ -29,7 +29,6 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
-from torchvision.models import get_model, get_model_weights
 
 from mlaas.images import InputShape
 
@@ -282,6 +281,8 @@ def _check_pretrained(pretrained: str | None) -> None:
 
 
 def _pretrained_torchvision(spec: _TorchvisionSpec, arch: str, pretrained: str) -> nn.Module:
+    from torchvision.models import get_model, get_model_weights
+
     weights = get_model_weights(spec.torchvision_name).DEFAULT
     target = _weights_file(weights.url)
     if not target.is_file():
@@ -306,6 +307,10 @@ def _pretrained_torchvision(spec: _TorchvisionSpec, arch: str, pretrained: str) 
 def _build_torchvision(
     arch: str, shape: InputShape, pretrained: str | None, fetch_weights: bool
 ) -> tuple[nn.Module, int]:
+    # Imported here, not with this module: torchvision.models takes seconds to import, which
+    # every server process and CLI command would pay for the small CNNs that need none of it.
+    from torchvision.models import get_model
+
     spec = _TORCHVISION[arch]
     _check_pretrained(pretrained)
     if pretrained is None or not fetch_weights:
