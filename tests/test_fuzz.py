@@ -214,6 +214,7 @@ def _fuzz(operation: Any, mode: GenerationMode, max_examples: int, fuzzed: Fuzze
     fuzz()
 
 
+@pytest.mark.slow
 def test_fuzz_every_operation(fuzzed: Fuzzed) -> None:
     started = time.monotonic()
     operations = [result.ok() for result in fuzzed.schema.get_all_operations()]

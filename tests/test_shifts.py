@@ -168,6 +168,7 @@ def test_out_of_sample_protocol_on_a_real_victim(tiny_victim: Path, tmp_path: Pa
     assert not alarms_below(ood) and alarms_below(detectors[1])
 
 
+@pytest.mark.slow
 def test_the_detection_bench_runs_end_to_end(tiny_victim: Path, tmp_path: Path) -> None:
     """bench/detection.py on a tiny victim: every family judged, held-out ones marked, the
     trade-off figure drawn and the summary printed as JSON."""
