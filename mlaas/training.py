@@ -81,6 +81,19 @@ class TrainConfig:
     """Stop after this many epochs without improvement on ``monitor``; restore the best weights.
     Needs ``val_fraction > 0``."""
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    distill: Literal["probs", "logits"] = "probs"
+    """What the model learns from probability targets: ``probs``, their cross-entropy (Knockoff
+    nets' soft labels); ``logits``, the mean squared error between its centred logits and the
+    targets' centred log-probabilities, which are the answering model's logits up to a constant
+    per row. Unrounded answers carry those logits exactly, and matching them teaches the classes
+    a confident answer gives almost no probability to. Hard labels always use cross-entropy."""
+
+    unlabeled_weight: float = 0.0
+    """Weight of the pseudo-label loss on the ``unlabeled`` images :func:`fit` is given (0: they
+    are not used). Each step adds a batch of them: the model's own prediction on an image, where
+    at least ``pseudo_threshold`` confident, becomes the target for a shifted and flipped view of
+    it (FixMatch, Sohn et al. 2020, with this loop's augmentation as the strong view)."""
+    pseudo_threshold: float = 0.95
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -99,6 +112,12 @@ class TrainConfig:
             raise ValueError("early stopping needs patience >= 1 and val_fraction > 0")
         if self.monitor not in ("val_loss", "val_accuracy"):
             raise ValueError(f"monitor must be val_loss or val_accuracy, not {self.monitor!r}")
+        if self.distill not in ("probs", "logits"):
+            raise ValueError(f"distill must be probs or logits, not {self.distill!r}")
+        if self.unlabeled_weight < 0:
+            raise ValueError(f"unlabeled_weight must be >= 0, not {self.unlabeled_weight}")
+        if not 0.0 < self.pseudo_threshold <= 1.0:
+            raise ValueError(f"pseudo_threshold must be in (0, 1], not {self.pseudo_threshold}")
 
     @property
     def resolved_lr(self) -> float:
@@ -242,6 +261,44 @@ def _progress_bar(enabled: bool) -> Progress:
     )
 
 
+# Answers of probability 0 (underflow, rounding) are taken as this: a logit about 16 below the
+# top class's, beyond what float32 softmax answers resolve anyway.
+_LOG_FLOOR = math.log(1e-7)
+
+
+def training_loss(logits: torch.Tensor, targets: torch.Tensor, distill: str) -> torch.Tensor:
+    """The loss of one batch: cross-entropy against hard labels or probability vectors, or with
+    ``distill="logits"`` the squared error between centred logits and centred log-targets."""
+    if targets.ndim == 1 or distill == "probs":
+        return F.cross_entropy(logits, targets)  # probability targets: soft cross-entropy
+    log_targets = torch.log(targets.clamp_min(math.exp(_LOG_FLOOR)))
+    centred_targets = log_targets - log_targets.mean(dim=1, keepdim=True)
+    centred_logits = logits - logits.mean(dim=1, keepdim=True)
+    return F.mse_loss(centred_logits, centred_targets)
+
+
+def pseudo_label_loss(
+    model: Classifier,
+    images: torch.Tensor,
+    threshold: float,
+    generator: torch.Generator,
+    max_shift: int,
+) -> torch.Tensor:
+    """FixMatch's unlabeled loss: cross-entropy between the model's prediction on an augmented
+    view and its own confident (``>= threshold``) prediction on the plain image, averaged over
+    the whole batch (unconfident images count as zero, so the loss grows with confidence)."""
+    was_training = model.training
+    model.eval()  # the pseudo-label comes from the model as it would answer, not a train pass
+    with torch.no_grad():
+        confidence, pseudo = F.softmax(model(images), dim=1).max(dim=1)
+    model.train(was_training)
+    confident = (confidence >= threshold).float()
+    if not confident.any():
+        return images.new_zeros(())
+    logits = model(augment_batch(images, generator, max_shift))
+    return (F.cross_entropy(logits, pseudo, reduction="none") * confident).mean()
+
+
 def _improved(value: float, best: float | None, monitor: str) -> bool:
     if best is None:
         return True
@@ -256,12 +313,14 @@ def fit(
     *,
     progress: bool = True,
     description: str = "training",
+    unlabeled: ImageSet | np.ndarray | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``images`` (uint8 ``(N, H, W, C)`` or an ImageSet).
 
     ``targets``: int64 ``(N,)`` hard labels, or float ``(N, K)`` probability vectors (rows are
     normalised, so truncated top-k answers are fine). The model is left on the training device
     in eval mode; with ``patience`` it holds the best weights seen on the validation split.
+    ``unlabeled``: images without targets, used when ``config.unlabeled_weight`` is positive.
     """
     seed_everything(config.seed)
     device = resolve_device(config.device)
@@ -277,6 +336,8 @@ def fit(
     scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
     shuffle_rng = np.random.default_rng([config.seed, 1])
     augment_gen = torch.Generator().manual_seed(config.seed)
+    extra = ImageSource(unlabeled) if unlabeled is not None and config.unlabeled_weight else None
+    extra_rng = np.random.default_rng([config.seed, 2])
     history = TrainHistory(device=str(device))
     best_score: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
@@ -301,7 +362,15 @@ def fit(
                 if config.augment:
                     x = augment_batch(x, augment_gen, config.max_shift)
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)  # probability targets: soft cross-entropy
+                loss = training_loss(logits, y, config.distill)
+                if extra is not None and extra.n:
+                    drawn = np.sort(
+                        extra_rng.choice(extra.n, min(extra.n, len(batch_idx)), replace=False)
+                    )
+                    unlabeled_x = to_tensor(extra.batch(drawn), device)
+                    loss = loss + config.unlabeled_weight * pseudo_label_loss(
+                        model, unlabeled_x, config.pseudo_threshold, augment_gen, config.max_shift
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -357,7 +426,9 @@ __all__ = [
     "fit",
     "predict_logits",
     "predict_proba",
+    "pseudo_label_loss",
     "resolve_device",
     "seed_everything",
     "split_validation",
+    "training_loss",
 ]

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mlaas.images import InputShape
+from mlaas.images import InputShape, to_tensor
 from mlaas.models import Classifier, build_model
 from mlaas.modelstore import ModelCard, load_card, load_model, save_model
 from mlaas.training import (
@@ -21,9 +22,11 @@ from mlaas.training import (
     evaluate,
     fit,
     predict_proba,
+    pseudo_label_loss,
     resolve_device,
     seed_everything,
     split_validation,
+    training_loss,
 )
 
 SHAPE = InputShape(1, 28, 28)
@@ -252,9 +255,86 @@ def test_config_validation() -> None:
         TrainConfig(patience=2)
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="rmsprop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="distill must be probs or logits, not 'soft'"):
+        TrainConfig(distill="soft")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unlabeled_weight must be >= 0"):
+        TrainConfig(unlabeled_weight=-0.5)
+    with pytest.raises(ValueError, match=r"pseudo_threshold must be in \(0, 1\]"):
+        TrainConfig(pseudo_threshold=0.0)
     assert TrainConfig().resolved_lr == 2e-3 and TrainConfig(optimizer="sgd").resolved_lr == 0.05
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+
+
+def _answers(rows: int = 8, classes: int = 10) -> torch.Tensor:
+    """Probability vectors as an API answers them: softmax of a model's logits."""
+    generator = torch.Generator().manual_seed(0)
+    return F.softmax(2.0 * torch.randn(rows, classes, generator=generator), dim=1)
+
+
+def test_logit_distillation_matches_logits_up_to_a_constant_per_row() -> None:
+    targets = _answers()
+    per_row = 50.0 * torch.arange(-4, 4, dtype=torch.float32)[:, None]
+    logits = torch.log(targets) + per_row  # the answering model's logits, each row shifted
+    assert training_loss(logits, targets, "logits").item() == pytest.approx(0.0, abs=1e-8)
+    # Rows rescaled (a top-k answer renormalised) are the same log-probabilities, shifted.
+    rescaled = targets * torch.linspace(0.2, 5.0, len(targets))[:, None]
+    assert training_loss(logits, rescaled, "logits").item() == pytest.approx(0.0, abs=1e-8)
+    # Soft cross-entropy cannot reach zero on uncertain answers: its minimum is their entropy.
+    entropy = -(targets * torch.log(targets)).sum(dim=1).mean()
+    soft = training_loss(logits, targets, "probs")
+    assert soft.item() > 0.1 and soft.item() == pytest.approx(entropy.item(), rel=1e-5)
+    # One class off by a logit is no per-row constant: the squared error sees it.
+    off = logits.clone()
+    off[:, 3] += 1.0
+    assert training_loss(off, targets, "logits").item() > 0.05
+
+
+def test_hard_labels_are_plain_cross_entropy_whatever_distill_is() -> None:
+    logits = 3.0 * _answers(rows=6, classes=4) - 1.0
+    labels = torch.tensor([0, 3, 1, 1, 2, 0])
+    expected = F.cross_entropy(logits, labels)
+    for distill in ("probs", "logits"):
+        assert torch.equal(training_loss(logits, labels, distill), expected)
+
+
+def test_zero_probability_answers_keep_the_logit_loss_finite() -> None:
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    logits = torch.zeros(3, 3, requires_grad=True)
+    loss = training_loss(logits, targets, "logits")
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    # Pushed towards the answer: the classes answered 0 get the lower logits.
+    assert (logits.grad[0, 1:] > 0).all() and (logits.grad[0, 0] < 0).all()
+
+
+def test_pseudo_labels_come_only_from_confident_predictions(data: Data) -> None:
+    model = _model()
+    images = to_tensor(data.train_x[:64])
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    # Ten untrained classes: no prediction is certain, so nothing is taught.
+    assert pseudo_label_loss(model, images, 1.0, generator, max_shift=2).item() == 0.0
+    loss = pseudo_label_loss(model, images, 1e-3, generator, max_shift=2)  # all confident
+    assert loss.item() > 0 and loss.requires_grad
+    assert model.training  # the pseudo-labelling pass in eval mode leaves the mode as it was
+
+
+def test_unlabeled_images_change_training_only_with_a_weight(data: Data) -> None:
+    x, y = data.train_x[:300], data.train_y[:300]
+    unlabeled = data.train_x[300:600]
+    base = TrainConfig(epochs=1, batch_size=50, augment=True, device="cpu", seed=0)
+
+    def trained(config: TrainConfig, extra: np.ndarray | None) -> dict[str, torch.Tensor]:
+        model = _model()
+        fit(model, x, y, config, progress=False, unlabeled=extra)
+        return _state(model)
+
+    plain = trained(base, None)
+    assert _same_state(plain, trained(base, unlabeled))  # weight 0: the images are not used
+    weighted = replace(base, unlabeled_weight=1.0, pseudo_threshold=0.2)  # reached in an epoch
+    assert not _same_state(plain, trained(weighted, unlabeled))
 
 
 def _card(model: Classifier, data: Data, **overrides: object) -> ModelCard:
