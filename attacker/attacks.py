@@ -7,7 +7,9 @@ and JBDA need that substitute to choose their next queries). Each attack's optio
 model in :mod:`attacker.config`.
 
 * ``knockoff``  Knockoff nets (Orekondy et al.): natural images from another distribution,
-                sampled at random or by the adaptive gradient-bandit strategy.
+                sampled at random (the paper), by the adaptive gradient bandit, in rounds of
+                active learning (ActiveThief's k-center or uncertainty rules), or among the
+                images a proxy of the provider's detector takes for in-domain (stealth).
 * ``realistic`` Atli et al.'s realistic adversary: in-domain public data, strong training.
 * ``copycat``   Copycat CNN (Correia-Silva et al.): non-problem-domain images, labels only.
 * ``jbda``      Papernot et al.'s Jacobian-based dataset augmentation from a small seed set.
@@ -16,7 +18,7 @@ model in :mod:`attacker.config`.
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -24,13 +26,14 @@ from sklearn.cluster import KMeans
 
 from attacker.client import Answers, ExtractionClient
 from attacker.config import (
+    ACTIVE_STRATEGIES,
     AttackConfig,
     BaseAttackConfig,
     JbdaConfig,
     KnockoffConfig,
     SampledAttackConfig,
 )
-from attacker.strategies import AdaptiveSampler
+from attacker.strategies import AdaptiveSampler, select_active
 from mlaas.datasets import ImageSet, load_dataset
 from mlaas.images import InputShape, to_tensor
 from mlaas.models import Classifier, build_model
@@ -44,6 +47,8 @@ class Checkpoint:
     queries: int  # images the victim answered so far (cover included)
     images: np.ndarray  # uint8 (N, H, W, C): what the substitute trains on
     answers: Answers
+    unlabeled: ImageSet | None = None  # transfer images not queried (semi-supervised training)
+    selection_only: bool = False  # a substitute only to choose the next queries: not measured
 
     def targets(self, label_only: bool) -> np.ndarray:
         return self.answers.labels if label_only else self.answers.targets
@@ -68,10 +73,16 @@ def build_substitute(config: BaseAttackConfig, victim: Victim) -> Classifier:
 def train_substitute(
     config: BaseAttackConfig, victim: Victim, checkpoint: Checkpoint, progress: bool = False
 ) -> Classifier:
+    """A substitute trained from scratch on the checkpoint's answers; one that only chooses the
+    next queries (``selection_only``) trains for ``round_epochs`` on the answers alone."""
     model = build_substitute(config, victim)
     train = config.train_config()
-    if config.val_fraction and len(checkpoint.images) * config.val_fraction < 1:
-        train = TrainConfig(**{**asdict(train), "val_fraction": 0.0, "patience": None})
+    unlabeled = checkpoint.unlabeled
+    if checkpoint.selection_only and isinstance(config, KnockoffConfig):
+        train = replace(train, epochs=min(train.epochs, config.round_epochs), unlabeled_weight=0.0)
+        unlabeled = None
+    if train.val_fraction and len(checkpoint.images) * train.val_fraction < 1:
+        train = replace(train, val_fraction=0.0, patience=None)
     fit(
         model,
         checkpoint.images,
@@ -79,6 +90,7 @@ def train_substitute(
         train,
         progress=progress,
         description=f"substitute on {len(checkpoint.images)}",
+        unlabeled=unlabeled,
     )
     return model
 
@@ -127,7 +139,8 @@ def sequence_attack(
     cover_count = round(config.budget * config.cover_rate) if cover is not None else 0
     attack_count = min(config.budget - cover_count, len(transfer))
     rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(transfer))[:attack_count]
+    permutation = rng.permutation(len(transfer))
+    order = permutation[:attack_count]
     plan = QueryPlan(order, cover_count, len(cover) if cover is not None else 0, config.seed)
     total = len(plan.index)
     images: list[np.ndarray] = []
@@ -150,7 +163,11 @@ def sequence_attack(
                 Answers(got.probs[keep], got.labels[keep], got.hard)  # cover is not trained on
             )
             done = stop
-        yield Checkpoint(done, np.concatenate(images), _concat(answers, victim.num_classes))
+        asked = int((~plan.is_cover[:done]).sum())  # transfer images queried so far
+        unqueried = transfer.subset(np.sort(permutation[asked:]))
+        yield Checkpoint(
+            done, np.concatenate(images), _concat(answers, victim.num_classes), unqueried
+        )
 
 
 def _action_groups(transfer: ImageSet, config: KnockoffConfig, victim: Victim) -> np.ndarray:
@@ -197,9 +214,111 @@ def adaptive_attack(
             images.append(batch)
             answers.append(got)
             done += len(indices)
+        unqueried = transfer.subset(np.sort(sampler.unqueried()))
         substitute = yield Checkpoint(
-            done, np.concatenate(images), _concat(answers, victim.num_classes)
+            done, np.concatenate(images), _concat(answers, victim.num_classes), unqueried
         )
+
+
+def active_attack(
+    client: ExtractionClient,
+    config: KnockoffConfig,
+    victim: Victim,
+    transfer: ImageSet,
+    allowed: np.ndarray | None = None,
+) -> AttackStream:
+    """ActiveThief's rounds: a random initial set, then each round the latest substitute scores
+    ``config.candidates`` unqueried images and the strategy picks the next ones to query.
+
+    ``allowed``: the transfer-set indices the attack may query (all of them when None); the
+    stealth strategy passes the ones its proxy detector takes for in-domain.
+    """
+    rng = np.random.default_rng(config.seed)
+    pool = np.arange(len(transfer)) if allowed is None else np.asarray(allowed, dtype=np.int64)
+    pool = pool[rng.permutation(len(pool))]
+    budget = min(config.budget, len(pool))
+    initial = min(budget, max(1, round(budget * config.initial)))
+    round_ends = np.linspace(initial, budget, config.rounds + 1).round().astype(int)
+    measured = {p for p in checkpoint_schedule(config) if p <= budget} | {budget}
+    yields = sorted(measured | set(round_ends.tolist()))
+    queried = np.zeros(len(pool), dtype=bool)  # by position in pool
+    answers: list[Answers] = []
+    images: list[np.ndarray] = []
+    substitute: Classifier | None = None
+    done = 0
+    for point in yields:
+        while done < point:
+            if done < initial or substitute is None:
+                chosen = np.arange(done, min(point, initial))  # the seeded random start
+            else:
+                chosen = _choose_actively(
+                    config, substitute, transfer, pool, queried, images, point - done, rng
+                )
+            for part in range(0, len(chosen), 1000):  # the client's chunk: progress, resume
+                positions = chosen[part : part + 1000]
+                batch = transfer.get_batch(pool[positions])
+                answers.append(client.query(batch))
+                images.append(batch)
+                queried[positions] = True
+            done += len(chosen)
+        unqueried = transfer.subset(np.sort(pool[~queried]))
+        substitute = yield Checkpoint(
+            done,
+            np.concatenate(images),
+            _concat(answers, victim.num_classes),
+            unqueried,
+            selection_only=point not in measured,
+        )
+
+
+def _choose_actively(
+    config: KnockoffConfig,
+    substitute: Classifier,
+    transfer: ImageSet,
+    pool: np.ndarray,
+    queried: np.ndarray,
+    images: list[np.ndarray],
+    count: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Positions in ``pool`` of the next ``count`` images the active strategy asks about."""
+    unqueried = np.flatnonzero(~queried)
+    if len(unqueried) > config.candidates:  # score a seeded sample: the whole pool may be huge
+        unqueried = np.sort(rng.choice(unqueried, config.candidates, replace=False))
+    candidate_probs = predict_proba(substitute, transfer.get_batch(pool[unqueried]))
+    queried_probs = predict_proba(substitute, np.concatenate(images))
+    strategy = "kcenter" if config.strategy == "stealth" else config.strategy
+    return unqueried[select_active(strategy, candidate_probs, queried_probs, count)]
+
+
+PROXY_IMAGES = 5000
+"""Images per side (public in-domain, transfer) the stealth strategy's proxy detector learns
+from: two epochs on these separate the two sets, and more would only cost time."""
+
+
+def stealth_pool(config: KnockoffConfig, victim: Victim, transfer: ImageSet) -> np.ndarray:
+    """The transfer-set indices a proxy of the provider's out-of-distribution detector passes.
+
+    The attacker cannot see the provider's detector, but can guess what it learns: to tell the
+    victim's domain from everything else. So it trains its own binary classifier, public
+    in-domain images (``config.public``, never sent to the victim) against a sample of its
+    transfer set, and keeps the ``config.keep`` share of the transfer set that classifier finds
+    most in-domain.
+    """
+    public = load_dataset(config.public, victim.shape, seed=config.seed)
+    rng = np.random.default_rng([config.seed, 5])
+    side = min(len(public), len(transfer), PROXY_IMAGES)
+    inside = np.sort(rng.choice(len(public), side, replace=False))
+    outside = np.sort(rng.choice(len(transfer), side, replace=False))
+    images = np.concatenate([public.get_batch(inside), transfer.get_batch(outside)])
+    labels = np.repeat(np.array([1, 0], np.int64), side)
+    torch.manual_seed(config.seed)
+    proxy = build_model(config.arch, 2, victim.shape)
+    fit(proxy, images, labels, TrainConfig(epochs=2, seed=config.seed, device=config.device),
+        progress=False)  # fmt: skip
+    in_domain = predict_proba(proxy, transfer)[:, 1]
+    kept = max(1, round(len(transfer) * config.keep))
+    return np.sort(np.argsort(-in_domain, kind="stable")[:kept])
 
 
 def jacobian_step(
@@ -262,5 +381,10 @@ def attack_stream(client: ExtractionClient, config: AttackConfig, victim: Victim
         return jbda_attack(client, config, victim, transfer)
     if isinstance(config, KnockoffConfig) and config.strategy == "adaptive":
         return adaptive_attack(client, config, victim, transfer)
+    if isinstance(config, KnockoffConfig) and config.strategy in ACTIVE_STRATEGIES:
+        return active_attack(client, config, victim, transfer)
+    if isinstance(config, KnockoffConfig) and config.strategy == "stealth":
+        allowed = stealth_pool(config, victim, transfer)
+        return active_attack(client, config, victim, transfer, allowed)
     cover = load_dataset(config.cover, victim.shape, seed=config.seed) if config.cover else None
     return sequence_attack(client, config, victim, transfer, cover)

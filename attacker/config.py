@@ -11,13 +11,14 @@ This module imports no torch: the ``mlaas attack`` commands build their options 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, TypeAlias
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    TypeAdapter,
+    RootModel,
     ValidationError,
     field_validator,
     model_validator,
@@ -52,6 +53,9 @@ class BaseAttackConfig(BaseModel):
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Substitute optimizer")
     lr: float | None = Field(None, description="Peak learning rate; none: the optimizer's own")
     augment: bool = Field(False, description="Random shifts and flips while training")
+    distill: Literal["probs", "logits"] = Field(
+        "probs", description="Match the answers' probabilities or their log-probabilities"
+    )
     val_fraction: float = Field(
         0.0, description="Share of the answers held out to stop training early"
     )
@@ -75,6 +79,11 @@ class BaseAttackConfig(BaseModel):
         """Whether the substitute learns the victim's top-1 labels rather than its scores."""
         return False
 
+    @property
+    def resolved_distill(self) -> Literal["probs", "logits"]:
+        """What the substitute matches in probability answers (the option, once resolved)."""
+        return self.distill
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
@@ -87,6 +96,7 @@ class BaseAttackConfig(BaseModel):
             optimizer=self.optimizer,
             lr=self.lr,
             augment=self.augment,
+            distill=self.resolved_distill,
             seed=self.seed,
             device=self.device,
             val_fraction=self.val_fraction,
@@ -107,6 +117,14 @@ class SampledAttackConfig(BaseAttackConfig):
         None, description="Cover traffic data set, interleaved with the attack's queries"
     )
     cover_rate: float = Field(0.0, description="Share of the budget spent on cover traffic")
+    unlabeled_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of pseudo-labels on the transfer images not queried (0: off)",
+    )
+
+    def train_config(self) -> TrainConfig:
+        return replace(super().train_config(), unlabeled_weight=self.unlabeled_weight)
 
     @model_validator(mode="after")
     def _cover_rule(self) -> Self:
@@ -117,11 +135,58 @@ class SampledAttackConfig(BaseAttackConfig):
         return self
 
 
+KNOCKOFF_STRATEGIES = (
+    "random",
+    "adaptive",
+    "kcenter",
+    "entropy",
+    "entropy-kcenter",
+    "stealth",
+)
+ACTIVE_STRATEGIES = ("kcenter", "entropy", "entropy-kcenter")
+DEFAULT_STRATEGY = "kcenter"
+
+
 class KnockoffConfig(SampledAttackConfig):
-    """Knockoff nets: natural images from another distribution, labelled by the victim."""
+    """Knockoff nets: natural images from another distribution, labelled by the victim.
+
+    ``random`` is the paper's attack exactly: a random sample of the transfer set, the
+    substitute trained on the answered probabilities. The other strategies choose what to
+    query: ``adaptive``, the paper's gradient bandit; ``kcenter`` (the default), ``entropy``
+    and ``entropy-kcenter``, rounds of active learning as in
+    ActiveThief; ``stealth``, k-center rounds among the images a proxy of the provider's
+    detector takes for in-domain. They train the substitute on the answers' log-probabilities
+    (``distill="logits"``), the victim's logits up to a constant; set ``distill`` to choose.
+    """
 
     attack: Literal["knockoff"] = "knockoff"
-    strategy: str = Field("random", description="random or adaptive (gradient bandit)")
+    strategy: str = Field(DEFAULT_STRATEGY, description=f"One of {', '.join(KNOCKOFF_STRATEGIES)}")
+    # The one training option whose default depends on the strategy (None: the strategy's
+    # own, which train_config resolves; the narrower base type holds for every other attack).
+    distill: Literal["probs", "logits"] | None = Field(  # type: ignore[assignment]
+        None,
+        description="Match the answers' probabilities or log-probabilities; "
+        "none: probs with strategy random (the paper), logits otherwise",
+    )
+    # Active learning (kcenter, entropy, entropy-kcenter; stealth runs k-center rounds among
+    # the images it keeps).
+    rounds: int = Field(5, description="active: selection rounds after the random initial set")
+    initial: float = Field(0.2, description="active: share of the budget queried at random first")
+    candidates: int = Field(
+        8000, description="active: unqueried transfer images the substitute scores per round"
+    )
+    round_epochs: int = Field(
+        15, description="active: epochs of the substitutes that only choose the next round"
+    )
+    # Stealth: a proxy of the provider's out-of-distribution detector.
+    public: str = Field(
+        "fashion-mnist:pool",
+        description="stealth: public in-domain images its proxy detector learns from (not queried)",
+    )
+    keep: float = Field(
+        0.25, description="stealth: share of the transfer set the proxy passes as in-domain"
+    )
+    # Adaptive (the paper's bandit).
     reward: str = Field("all", description="adaptive reward: cert, div, loss or all")
     clusters: int = Field(20, description="adaptive actions when the set has no labels")
     bandit_lr: float = Field(0.1, description="adaptive: the bandit's learning rate")
@@ -134,19 +199,43 @@ class KnockoffConfig(SampledAttackConfig):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, strategy: str) -> str:
-        if strategy not in ("random", "adaptive"):
-            raise ValueError(f"strategy must be random or adaptive, not {strategy!r}")
+        if strategy not in KNOCKOFF_STRATEGIES:
+            raise ValueError(
+                f"strategy must be one of {', '.join(KNOCKOFF_STRATEGIES)}, not {strategy!r}"
+            )
         return strategy
 
     @model_validator(mode="after")
-    def _no_cover_when_adaptive(self) -> Self:
-        if self.strategy == "adaptive" and (self.cover or self.cover_rate):
-            raise ValueError("the adaptive strategy sends no cover traffic; use strategy random")
+    def _strategy_rules(self) -> Self:
+        if self.strategy != "random" and (self.cover or self.cover_rate):
+            raise ValueError(
+                f"the {self.strategy} strategy sends no cover traffic; use strategy random"
+            )
+        if self.rounds < 1:
+            raise ValueError("rounds must be at least 1")
+        if not 0.0 < self.initial < 1.0:
+            raise ValueError("initial is a share of the budget, in (0, 1)")
+        if self.candidates < 1:
+            raise ValueError("candidates must be at least 1")
+        if self.round_epochs < 1:
+            raise ValueError("round_epochs must be at least 1")
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError("keep is a share of the transfer set, in (0, 1]")
         return self
+
+    @property
+    def paper_recipe(self) -> bool:
+        """Whether the substitute learns as in the paper (the random strategy): from the
+        answered probabilities, not their logarithms."""
+        return self.strategy == "random"
 
     @property
     def trains_on_labels(self) -> bool:
         return self.label_only
+
+    @property
+    def resolved_distill(self) -> Literal["probs", "logits"]:
+        return self.distill or ("probs" if self.paper_recipe else "logits")
 
 
 class RealisticConfig(SampledAttackConfig):
@@ -202,7 +291,10 @@ CONFIG_CLASSES: dict[str, type[BaseAttackConfig]] = {
     "jbda": JbdaConfig,
 }
 ATTACKS = tuple(CONFIG_CLASSES)
-_ADAPTER: TypeAdapter[AttackConfig] = TypeAdapter(AttackConfig)
+
+
+class _AnyAttack(RootModel[AttackConfig]):
+    """Parses the union by its discriminator (a RootModel, which type checkers follow)."""
 
 
 def parse_attack_config(data: Mapping[str, Any]) -> AttackConfig:
@@ -212,7 +304,7 @@ def parse_attack_config(data: Mapping[str, Any]) -> AttackConfig:
     if attack not in ATTACKS:
         raise AttackConfigError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
     try:
-        return _ADAPTER.validate_python(dict(data))
+        return _AnyAttack.model_validate(dict(data)).root
     except ValidationError as exc:
         raise AttackConfigError(_explain(exc, str(attack))) from exc
 

@@ -31,6 +31,9 @@ class ConfigMismatch(ValueError):
     pass
 
 
+_NOT_COMPARED = frozenset({"url"})
+
+
 @dataclass
 class RunDirectory:
     path: Path
@@ -49,12 +52,18 @@ class RunDirectory:
         """Record ``config``; True when resuming a run with the same configuration.
 
         A different configuration in a used directory is refused: its cache would mix runs.
-        Settings only the recorded one holds are ignored: runs recorded before each attack had
-        its own options hold every attack's options, and still resume.
+        Compared are the settings both records hold, except the server's URL (a victim served
+        again on another port still answers the same): runs recorded before an attack had some
+        option resume under its value today, and settings only the recorded one holds (runs
+        from before each attack had its own options) are ignored.
         """
         if self.config.exists():
             previous = json.loads(self.config.read_text())
-            changed = sorted(k for k in config if previous.get(k) != config[k])
+            changed = sorted(
+                k
+                for k in config
+                if k in previous and k not in _NOT_COMPARED and previous[k] != config[k]
+            )
             if changed:
                 raise ConfigMismatch(
                     f"{self.path} holds a run with other settings ({', '.join(changed)}); "
@@ -113,6 +122,10 @@ def run_attack(
         model = None
         checkpoint = next(stream)
         while True:
+            if checkpoint.selection_only:  # chooses the next round's queries; not measured
+                console.print(f"choosing the next queries after {checkpoint.queries}")
+                checkpoint = stream.send(train_substitute(config, victim, checkpoint))
+                continue
             console.print(f"training the substitute on {len(checkpoint.images)} answers")
             model = train_substitute(config, victim, checkpoint)
             scores = evaluator.evaluate(model)

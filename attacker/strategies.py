@@ -1,9 +1,11 @@
-"""Which transfer-set images to query next: Knockoff nets' random and adaptive strategies.
+"""Which transfer-set images to query next: Knockoff nets' adaptive bandit, and active learning.
 
 The adaptive strategy is the gradient bandit of Orekondy et al. (Knockoff Nets, CVPR 2019):
 actions are groups of transfer images (the set's labels where it has them, else k-means
 clusters of the substitute's features); a softmax policy over action preferences picks a group,
 an image is drawn from it, and the victim's answer yields a reward that moves the preferences.
+
+The active strategies are ActiveThief's (Pal et al., AAAI 2020): see :func:`select_active`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from attacker.config import ACTIVE_STRATEGIES
 
 REWARDS = ("cert", "div", "loss", "all")
 _EPS = 1e-12
@@ -121,6 +125,10 @@ class AdaptiveSampler:
         self._stats = {name: RunningStats() for name in ("cert", "div", "loss")}
         self.history: list[tuple[int, float]] = []
 
+    def unqueried(self) -> np.ndarray:
+        """Indices no action has drawn yet."""
+        return np.array([i for pool in self._pools for i in pool], dtype=np.int64)
+
     def _available(self) -> np.ndarray:
         return np.array([len(pool) > 0 for pool in self._pools])
 
@@ -159,3 +167,78 @@ class AdaptiveSampler:
         for action, reward in zip(actions, rewards, strict=True):
             self.bandit.update(int(action), float(reward))
             self.history.append((int(action), float(reward)))
+
+
+# --------------------------------------------------------------------------- active learning
+# ActiveThief (Pal et al., AAAI 2020): after a random seed set, the attack proceeds in rounds;
+# each round the substitute trained on every answer so far scores the unqueried transfer images,
+# and the next batch is the images it is least sure of (uncertainty), the ones farthest from
+# everything already asked (k-center core set, Sener and Savarese 2018), or both.
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) of each row of ``probs``."""
+    clipped = np.clip(probs, _EPS, 1.0)
+    return -(probs * np.log(clipped)).sum(axis=1)
+
+
+def most_uncertain(probs: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the ``count`` rows of highest entropy, most uncertain first (ties: lower
+    position first, so the choice is deterministic)."""
+    count = min(count, len(probs))
+    return np.argsort(-entropy(probs), kind="stable")[:count]
+
+
+def kcenter_greedy(
+    candidates: np.ndarray, centers: np.ndarray, count: int, chunk: int = 1024
+) -> np.ndarray:
+    """Farthest-first traversal: ``count`` candidate positions, each the candidate farthest
+    (Euclidean) from its nearest center, which then becomes a center itself.
+
+    This is the greedy 2-approximation of the k-center problem ActiveThief uses to cover the
+    transfer set; ``centers`` are the points already chosen (the queried images), possibly none.
+    """
+    count = min(count, len(candidates))
+    candidates = np.asarray(candidates, dtype=np.float64)
+    nearest = np.full(len(candidates), np.inf)
+    for start in range(0, len(centers), chunk):
+        block = np.asarray(centers[start : start + chunk], dtype=np.float64)
+        nearest = np.minimum(nearest, _squared_distances(candidates, block).min(axis=1))
+    chosen = np.empty(count, dtype=np.int64)
+    for step in range(count):
+        # With no centers yet every distance is infinite: argmax then takes the first candidate.
+        pick = int(np.argmax(nearest))
+        chosen[step] = pick
+        nearest = np.minimum(nearest, ((candidates - candidates[pick]) ** 2).sum(axis=1))
+        nearest[pick] = -np.inf  # never chosen twice, even among duplicates
+    return chosen
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    squared = (a**2).sum(axis=1)[:, None] + (b**2).sum(axis=1)[None, :] - 2.0 * a @ b.T
+    return np.maximum(squared, 0.0)
+
+
+def select_active(
+    strategy: str,
+    candidate_probs: np.ndarray,
+    queried_probs: np.ndarray,
+    count: int,
+    shortlist: int = 4,
+) -> np.ndarray:
+    """Positions (into the candidates) of the next ``count`` images to query.
+
+    ``candidate_probs``: the substitute's probabilities on the unqueried candidates;
+    ``queried_probs``: its probabilities on the images already queried (k-center's centers).
+    ``entropy-kcenter``: uncertainty first, then diversity: k-center over the
+    ``shortlist * count`` most uncertain candidates, so that a round does not spend itself on
+    near-duplicates of one confusing image.
+    """
+    if strategy not in ACTIVE_STRATEGIES:
+        raise ValueError(f"active strategy must be one of {', '.join(ACTIVE_STRATEGIES)}")
+    if strategy == "entropy":
+        return most_uncertain(candidate_probs, count)
+    if strategy == "kcenter":
+        return kcenter_greedy(candidate_probs, queried_probs, count)
+    short = most_uncertain(candidate_probs, shortlist * count)
+    return short[kcenter_greedy(candidate_probs[short], queried_probs, count)]

@@ -116,3 +116,24 @@ def make_client(tiny_victim: Path, tmp_path: Path) -> Iterator[Callable[..., Tes
 
 
 from tests.services import private_postgres, private_postgres_template, private_redis  # noqa: E402, F401
+
+
+@pytest.fixture(scope="module")
+def live(tiny_victim: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlaas serve` of the tiny victim on loopback, one per test module, with an
+    admin client (``live.admin``) and its SQLite log's URL (``live.database``)."""
+    from mlaas.apiclient import AdminClient
+    from testbed.serverproc import ServerProcess
+
+    directory = tmp_path_factory.mktemp("live")
+    database = f"sqlite:///{directory / 'mlaas.db'}"
+    server = ServerProcess(
+        tiny_victim,
+        env={"MLAAS_DATABASE_URL": database, "MLAAS_ADMIN_TOKEN": ADMIN_TOKEN},
+        log_file=directory / "server.log",
+    ).start()
+    server.database = database  # type: ignore[attr-defined]
+    server.admin = AdminClient(server.url, ADMIN_TOKEN)  # type: ignore[attr-defined]
+    yield server
+    server.admin.close()  # type: ignore[attr-defined]
+    server.stop()

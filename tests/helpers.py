@@ -87,3 +87,19 @@ def requests_finished(metrics: str, route: str) -> int:
         for sample in family.samples
         if sample.name == "mlaas_requests_total" and sample.labels["route"] == route
     )
+
+
+def answered(live, client: str) -> int:
+    """Rows in the provider's log for ``client`` of the ``live`` server, once the writer has
+    caught up (a row counts as pending until the writer is done with it, the batch it is
+    writing included)."""
+    from server.db import make_engine
+    from server.querylog import count_queries
+
+    wait_until(
+        lambda: live.admin.stats()["log_rows_pending"] == 0,
+        10,
+        interval=0.05,
+        what="no rows pending",
+    )
+    return count_queries(make_engine(live.database), client)
