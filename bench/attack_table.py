@@ -1,27 +1,27 @@
 """The attacker's figures: every attack against the default victim, probabilities vs labels.
 
-    .venv/bin/python bench/attack_table.py [--budget 5000] [--attacks ...] [--out var/attack-table]
+    .venv/bin/python -m bench.attack_table [--budget 5000] [--seeds 0,1,2] [--only ...]
+        [--epochs N] [--out var/attack-table]
 
-Serves ``var/victims/fashion`` (training it if missing) with a fresh SQLite log, gives each
-attack its own key (label-only runs get a key whose granularity is ``label``) and an
-experimenter key for fidelity, runs the attacks one after another, and prints a Markdown
-table. Run directories are kept under ``--out``: a rerun resumes finished and unfinished
-attacks from their caches without buying a query twice.
+Serves ``var/victims/fashion`` (training it if missing) with a fresh SQLite log, runs every
+row once per seed, each run under its own key (label-only runs get a key whose granularity
+is ``label``) with an experimenter key for fidelity, one after another, and prints a
+Markdown table: accuracy and fidelity as mean ± sample std over the seeds, and the per-seed
+fidelities. ``--epochs`` overrides every attack's own epochs (for smoke runs). Run
+directories are kept under ``--out``: a rerun resumes finished and unfinished runs from
+their caches without buying a query twice.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import secrets
-import time
+import statistics
 from pathlib import Path
 
 from attacker.config import for_attack
 from attacker.runner import run_attack
+from bench.common import KeyBook, attack_bench_server
 from mlaas.apiclient import AdminClient
-from testbed.serverproc import ServerProcess
-from testbed.victim import train_victim
 
 # (row name, attack, granularity, overrides)
 PLAN = [
@@ -41,60 +41,55 @@ def main() -> None:
     parser.add_argument("--victim", type=Path, default=Path("var/victims/fashion"))
     parser.add_argument("--out", type=Path, default=Path("var/attack-table"))
     parser.add_argument("--budget", type=int, default=5000)
+    parser.add_argument(
+        "--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2]
+    )
+    parser.add_argument("--epochs", type=int, help="every attack's epochs (default: its own)")
     parser.add_argument("--only", nargs="*", help="row names to run, e.g. 'realistic'")
     args = parser.parse_args()
 
-    if not (args.victim / "card.json").exists():
-        train_victim(args.victim)
-    args.out.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    server = ServerProcess(
-        args.victim,
-        env={
-            "MLAAS_DATABASE_URL": f"sqlite:///{args.out / 'mlaas.db'}",
-            "MLAAS_ADMIN_TOKEN": token,
-        },
-        log_file=args.out / "server.log",
-    )
-    keys_file = args.out / "keys.json"
+    server, token = attack_bench_server(args.victim, args.out)
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
     rows = []
     with server, AdminClient(server.url, token) as admin:
-        keys = json.loads(keys_file.read_text()) if keys_file.exists() else {}
-
-        def key_for(name: str, granularity: str | None = None) -> str:
-            if name not in keys:
-                keys[name] = admin.create_key(name, granularity)
-                keys_file.write_text(json.dumps(keys))
-            return keys[name]
-
+        key_for = KeyBook(args.out / "keys.json", admin).key
         experimenter = key_for("experimenter")
         for row, attack, granularity, overrides in PLAN:
             if args.only and row not in args.only:
                 continue
-            slug = f"{row.replace(' ', '-')}-{granularity}"
-            config = for_attack(attack, budget=args.budget, **overrides)
-            started = time.perf_counter()
-            metrics = run_attack(
-                config,
-                url=server.url,
-                keys=[key_for(slug, None if granularity == "probs" else granularity)],
-                out=args.out / slug,
-                eval_key=experimenter,
-            )
-            final = metrics["final"]
-            rows.append(
-                (row, granularity, final["queries"], final["accuracy"], final["fidelity"],
-                 metrics["victim_test_accuracy"], time.perf_counter() - started)
-            )  # fmt: skip
+            finals = []
+            for seed in args.seeds:
+                slug = f"{row.replace(' ', '-')}-{granularity}-s{seed}"
+                config = for_attack(attack, budget=args.budget, seed=seed, **epochs, **overrides)
+                metrics = run_attack(
+                    config,
+                    url=server.url,
+                    keys=[key_for(slug, None if granularity == "probs" else granularity)],
+                    out=args.out / slug,
+                    eval_key=experimenter,
+                )
+                finals.append(metrics["final"])
+            rows.append((row, granularity, finals, metrics["victim_test_accuracy"]))
 
-    print("\n| attack | API answers | queries | accuracy | of victim | fidelity |")
-    print("|---|---|---:|---:|---:|---:|")
-    for row, granularity, queries, accuracy, fidelity, victim, _ in rows:
+    print("\n| attack | API answers | queries | accuracy | of victim | fidelity | per seed |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for row, granularity, finals, victim_accuracy in rows:
+        accuracy = [f["accuracy"] for f in finals]
+        fidelity = [f["fidelity"] for f in finals]
+        queries = sorted({f["queries"] for f in finals})
         print(
-            f"| {row} | {granularity} | {queries:,} | {accuracy:.1%} | {accuracy / victim:.2f} "
-            f"| {fidelity:.1%} |"
+            f"| {row} | {granularity} | {' / '.join(f'{q:,}' for q in queries)} "
+            f"| {mean_std(accuracy)} | {statistics.fmean(accuracy) / victim_accuracy:.2f} "
+            f"| {mean_std(fidelity)} | {' / '.join(f'{v:.1%}' for v in fidelity)} |"
         )
-    print(f"\nvictim test accuracy {rows[0][5]:.1%}" if rows else "")
+    if rows:
+        seeds = ", ".join(map(str, args.seeds))
+        print(f"\nvictim test accuracy {rows[0][3]:.1%}; mean ± sample std over seeds {seeds}")
+
+
+def mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1%} ± {std * 100:.1f}"
 
 
 if __name__ == "__main__":

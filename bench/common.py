@@ -1,17 +1,22 @@
-"""What several benchmarks share: a random-init victim to serve, random images to send, and
-CPU time read from /proc."""
+"""What several benchmarks share: a random-init victim to serve, random images to send, CPU
+time read from /proc, and the attack benches' server with its keys."""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mlaas.apiclient import AdminClient
 from mlaas.images import InputShape
 from mlaas.models import build_model
-from mlaas.modelstore import ModelCard, save_model
+from mlaas.modelstore import ModelCard, save_model, write_json_atomic
+from testbed.serverproc import ServerProcess
+from testbed.victim import train_victim
 
 NUM_CLASSES = 10
 
@@ -64,3 +69,34 @@ def machine_cpu_s() -> tuple[float, float]:
     steal = values[7] if len(values) > 7 else 0
     guest = sum(values[8:10])  # already counted in user/nice
     return (sum(values) - idle - steal - guest) / _TICK, steal / _TICK
+
+
+def attack_bench_server(victim: Path, out: Path) -> tuple[ServerProcess, str]:
+    """The server an attack bench runs against (not started) and its admin token: ``victim``
+    (trained first if missing) with a SQLite log in ``out``, which is kept, so that a rerun's
+    attacks resume from their caches against the same log."""
+    if not (victim / "card.json").exists():
+        train_victim(victim)
+    out.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    server = ServerProcess(
+        victim,
+        env={"MLAAS_DATABASE_URL": f"sqlite:///{out / 'mlaas.db'}", "MLAAS_ADMIN_TOKEN": token},
+        log_file=out / "server.log",
+    )
+    return server, token
+
+
+class KeyBook:
+    """API keys by client name, kept next to the server's log so a rerun reuses them."""
+
+    def __init__(self, path: Path, admin: AdminClient) -> None:
+        self.path = path
+        self.admin = admin
+        self.keys: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+
+    def key(self, name: str, granularity: str | None = None) -> str:
+        if name not in self.keys:
+            self.keys[name] = self.admin.create_key(name, granularity)
+            write_json_atomic(self.path, self.keys)
+        return self.keys[name]
