@@ -34,14 +34,17 @@ def test_the_preset_takes_the_commands_options(tmp_path: Path) -> None:
     assert config.defenses[0].detectors == list(DEFAULT_DETECTORS)
     budgets = {a.name: a.budgets for a in config.attackers}
     # JBDA keeps room for its seed set (75) and two doubling rounds.
-    assert budgets == {"knockoff": [200], "realistic": [200], "jbda": [300]}
-    assert [config.run_dir(c) for c in config.cells()] == ["knockoff", "realistic", "jbda"]
+    assert budgets == {"knockoff": [200], "stealth": [200], "realistic": [200], "jbda": [300]}
+    assert [config.run_dir(c) for c in config.cells()] == [
+        "knockoff", "stealth", "realistic", "jbda"
+    ]  # fmt: skip
     for cell in config.cells():
         check_cell(cell, config)
 
     default = demo_config(victim_dir=tmp_path / "victim")
     assert {a.name: a.budgets for a in default.attackers} == {
         "knockoff": [250, 500, 1000],
+        "stealth": [250, 500, 1000],
         "realistic": [250, 500, 1000],
         "jbda": [1000],
     }

@@ -153,9 +153,10 @@ def test_demo_runs_to_the_end(tiny_victim, tmp_path) -> None:
     )  # fmt: skip
     summary = json.loads((workdir / "summary.json").read_text())
     clients = {c["client"]: c for c in summary["clients"]}
-    assert set(clients) == {"benign-1", "benign-2", "knockoff", "realistic", "jbda"}
+    attackers = ("knockoff", "stealth", "realistic", "jbda")
+    assert set(clients) == {"benign-1", "benign-2", *attackers}
     assert all(c["error"] is None for c in clients.values())
-    assert [clients[n]["queries"] for n in ("knockoff", "realistic", "jbda")] == [200, 200, 300]
+    assert [clients[n]["queries"] for n in attackers] == [200, 200, 200, 300]
     assert summary["log_rows"] == summary["queries_answered"] + summary["experimenter_queries"]
     assert summary["server_exit_code"] == 0
     assert clients["knockoff"]["alerts"]["ood-binary"] <= 50  # natural crops are caught early
@@ -164,6 +165,6 @@ def test_demo_runs_to_the_end(tiny_victim, tmp_path) -> None:
     assert "knockoff" in result.stdout and "report:" in result.stdout
     report = (workdir / "report.md").read_text()
     assert "| knockoff | 200 |" in report
-    for name in ("knockoff", "realistic", "jbda"):
+    for name in attackers:
         assert (workdir / "runs" / name / "curve.png").stat().st_size > 10_000
         assert f"runs/{name}/curve.png" in report
