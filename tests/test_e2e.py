@@ -28,13 +28,15 @@ from tests.helpers import ADMIN_TOKEN
 pytestmark = pytest.mark.slow
 
 
-def mlaas(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def mlaas(
+    env: dict[str, str], *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "-m", "testbed", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     if check:
         assert result.returncode == 0, result.stderr
@@ -150,6 +152,7 @@ def test_demo_runs_to_the_end(tiny_victim, tmp_path) -> None:
         {"MLAAS_VAR_DIR": str(tmp_path / "var")},
         "demo", "--victim", str(victim), "--workdir", str(workdir),
         "--benign-clients", "2", "--benign-queries", "60", "--budget", "200", "--eval-size", "300",
+        timeout=600,  # two active-learning attackers train a substitute per round
     )  # fmt: skip
     summary = json.loads((workdir / "summary.json").read_text())
     clients = {c["client"]: c for c in summary["clients"]}
