@@ -26,7 +26,6 @@ from sklearn.cluster import KMeans
 
 from attacker.client import Answers, ExtractionClient
 from attacker.config import (
-    ACTIVE_STRATEGIES,
     AttackConfig,
     BaseAttackConfig,
     JbdaConfig,
@@ -127,6 +126,11 @@ class QueryPlan:
         self.index[is_cover] = rng.choice(cover_size, cover_count, replace=cover_count > cover_size)
 
 
+def random_order(config: BaseAttackConfig, transfer: ImageSet) -> np.ndarray:
+    """The seeded order in which the random strategies query the transfer set."""
+    return np.random.default_rng(config.seed).permutation(len(transfer))
+
+
 def sequence_attack(
     client: ExtractionClient,
     config: SampledAttackConfig,
@@ -138,8 +142,7 @@ def sequence_attack(
     """Knockoff random, realistic and copycat: a seeded random order through the transfer set."""
     cover_count = round(config.budget * config.cover_rate) if cover is not None else 0
     attack_count = min(config.budget - cover_count, len(transfer))
-    rng = np.random.default_rng(config.seed)
-    permutation = rng.permutation(len(transfer))
+    permutation = random_order(config, transfer)
     order = permutation[:attack_count]
     plan = QueryPlan(order, cover_count, len(cover) if cover is not None else 0, config.seed)
     total = len(plan.index)
@@ -379,12 +382,10 @@ def attack_stream(client: ExtractionClient, config: AttackConfig, victim: Victim
     transfer = open_transfer(config, victim)
     if isinstance(config, JbdaConfig):
         return jbda_attack(client, config, victim, transfer)
-    if isinstance(config, KnockoffConfig) and config.strategy == "adaptive":
-        return adaptive_attack(client, config, victim, transfer)
-    if isinstance(config, KnockoffConfig) and config.strategy in ACTIVE_STRATEGIES:
-        return active_attack(client, config, victim, transfer)
-    if isinstance(config, KnockoffConfig) and config.strategy == "stealth":
-        allowed = stealth_pool(config, victim, transfer)
+    if isinstance(config, KnockoffConfig) and config.strategy != "random":
+        if config.strategy == "adaptive":
+            return adaptive_attack(client, config, victim, transfer)
+        allowed = stealth_pool(config, victim, transfer) if config.strategy == "stealth" else None
         return active_attack(client, config, victim, transfer, allowed)
     cover = load_dataset(config.cover, victim.shape, seed=config.seed) if config.cover else None
     return sequence_attack(client, config, victim, transfer, cover)

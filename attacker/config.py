@@ -135,14 +135,7 @@ class SampledAttackConfig(BaseAttackConfig):
         return self
 
 
-KNOCKOFF_STRATEGIES = (
-    "random",
-    "adaptive",
-    "kcenter",
-    "entropy",
-    "entropy-kcenter",
-    "stealth",
-)
+KNOCKOFF_STRATEGIES = ("random", "adaptive", "kcenter", "entropy", "entropy-kcenter", "stealth")
 ACTIVE_STRATEGIES = ("kcenter", "entropy", "entropy-kcenter")
 DEFAULT_STRATEGY = "kcenter"
 
@@ -153,10 +146,10 @@ class KnockoffConfig(SampledAttackConfig):
     ``random`` is the paper's attack exactly: a random sample of the transfer set, the
     substitute trained on the answered probabilities. The other strategies choose what to
     query: ``adaptive``, the paper's gradient bandit; ``kcenter`` (the default), ``entropy``
-    and ``entropy-kcenter``, rounds of active learning as in
-    ActiveThief; ``stealth``, k-center rounds among the images a proxy of the provider's
-    detector takes for in-domain. They train the substitute on the answers' log-probabilities
-    (``distill="logits"``), the victim's logits up to a constant; set ``distill`` to choose.
+    and ``entropy-kcenter``, rounds of active learning as in ActiveThief; ``stealth``, k-center
+    rounds among the images a proxy of the provider's detector takes for in-domain. They train
+    the substitute on the answers' log-probabilities (``distill="logits"``), the victim's
+    logits up to a constant; set ``distill`` to choose.
     """
 
     attack: Literal["knockoff"] = "knockoff"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from attacker.config import for_attack
 from attacker.runner import run_attack
-from bench.common import KeyBook, attack_bench_server
+from bench.common import KeyBook, attack_bench_server, int_list, percent, spread
 from mlaas.apiclient import AdminClient
 
 # (row name, attack, granularity, overrides)
@@ -41,9 +41,7 @@ def main() -> None:
     parser.add_argument("--victim", type=Path, default=Path("var/victims/fashion"))
     parser.add_argument("--out", type=Path, default=Path("var/attack-table"))
     parser.add_argument("--budget", type=int, default=5000)
-    parser.add_argument(
-        "--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[0, 1, 2]
-    )
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, help="every attack's epochs (default: its own)")
     parser.add_argument("--only", nargs="*", help="row names to run, e.g. 'realistic'")
     args = parser.parse_args()
@@ -79,17 +77,12 @@ def main() -> None:
         queries = sorted({f["queries"] for f in finals})
         print(
             f"| {row} | {granularity} | {' / '.join(f'{q:,}' for q in queries)} "
-            f"| {mean_std(accuracy)} | {statistics.fmean(accuracy) / victim_accuracy:.2f} "
-            f"| {mean_std(fidelity)} | {' / '.join(f'{v:.1%}' for v in fidelity)} |"
+            f"| {percent(spread(accuracy))} | {statistics.fmean(accuracy) / victim_accuracy:.2f} "
+            f"| {percent(spread(fidelity))} | {' / '.join(f'{v:.1%}' for v in fidelity)} |"
         )
     if rows:
         seeds = ", ".join(map(str, args.seeds))
         print(f"\nvictim test accuracy {rows[0][3]:.1%}; mean ± sample std over seeds {seeds}")
-
-
-def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.1%} ± {std * 100:.1f}"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,3 +103,22 @@ class KeyBook:
             self.keys[name] = self.admin.create_key(name, granularity)
             write_json_atomic(self.path, self.keys)
         return self.keys[name]
+
+
+def int_list(text: str) -> list[int]:
+    """A comma list of integers from the command line (``--seeds 0,1,2``)."""
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation and the values themselves, one per seed."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "per_seed": list(values),
+    }
+
+
+def percent(figures: dict[str, Any]) -> str:
+    """A :func:`spread` of shares as "63.9% ± 1.3" (the spread in points)."""
+    return f"{figures['mean']:.1%} ± {figures['std'] * 100:.1f}"

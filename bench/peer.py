@@ -36,7 +36,7 @@ import json
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +47,12 @@ from art.estimators.classification import BlackBoxClassifier, PyTorchClassifier
 from matplotlib.figure import Figure
 from rich.console import Console
 
-from attacker.attacks import Victim, open_transfer
+from attacker.attacks import Victim, open_transfer, random_order
 from attacker.client import ExtractionClient
 from attacker.config import AttackConfig, BaseAttackConfig, for_attack
 from attacker.evaluation import Evaluator, make_evaluator
 from attacker.runner import ConfigMismatch, run_attack
-from bench.common import KeyBook, attack_bench_server
+from bench.common import KeyBook, attack_bench_server, int_list, percent, spread
 from mlaas.apiclient import AdminClient
 from mlaas.images import InputShape, to_tensor
 from mlaas.models import build_model
@@ -157,10 +157,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def int_list(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
 def name_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -235,9 +231,8 @@ def run_art(
 
     started = time.perf_counter()
     transfer = open_transfer(config, victim)
-    # attacker.attacks.sequence_attack's order, without cover traffic: the images our random
-    # strategy queries, in the order it queries them.
-    order = np.random.default_rng(config.seed).permutation(len(transfer))[: config.budget]
+    # The images our random strategy queries (it sends no cover here), in its order.
+    order = random_order(config, transfer)[: config.budget]
     images = to_tensor(transfer.get_batch(order)).numpy()
     shape = (victim.shape.channels, victim.shape.height, victim.shape.width)
 
@@ -302,14 +297,6 @@ def report_cell(cell: dict[str, Any]) -> None:
     )
 
 
-def spread(values: Sequence[float]) -> dict[str, Any]:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "per_seed": list(values),
-    }
-
-
 def summarise(
     cells: list[dict[str, Any]], methods: list[str], variants: list[str]
 ) -> list[dict[str, Any]]:
@@ -366,10 +353,6 @@ def markdown_table(summary: list[dict[str, Any]], methods: list[str], variants: 
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def percent(figures: dict[str, Any]) -> str:
-    return f"{figures['mean']:.1%} ± {figures['std'] * 100:.1f}"
 
 
 def points(difference: float) -> str:

@@ -263,7 +263,7 @@ def _progress_bar(enabled: bool) -> Progress:
 
 # Answers of probability 0 (underflow, rounding) are taken as this: a logit about 16 below the
 # top class's, beyond what float32 softmax answers resolve anyway.
-_LOG_FLOOR = math.log(1e-7)
+_PROB_FLOOR = 1e-7
 
 
 def training_loss(logits: torch.Tensor, targets: torch.Tensor, distill: str) -> torch.Tensor:
@@ -271,7 +271,7 @@ def training_loss(logits: torch.Tensor, targets: torch.Tensor, distill: str) -> 
     ``distill="logits"`` the squared error between centred logits and centred log-targets."""
     if targets.ndim == 1 or distill == "probs":
         return F.cross_entropy(logits, targets)  # probability targets: soft cross-entropy
-    log_targets = torch.log(targets.clamp_min(math.exp(_LOG_FLOOR)))
+    log_targets = torch.log(targets.clamp_min(_PROB_FLOOR))
     centred_targets = log_targets - log_targets.mean(dim=1, keepdim=True)
     centred_logits = logits - logits.mean(dim=1, keepdim=True)
     return F.mse_loss(centred_logits, centred_targets)
@@ -286,7 +286,7 @@ def pseudo_label_loss(
 ) -> torch.Tensor:
     """FixMatch's unlabeled loss: cross-entropy between the model's prediction on an augmented
     view and its own confident (``>= threshold``) prediction on the plain image, averaged over
-    the whole batch (unconfident images count as zero, so the loss grows with confidence)."""
+    the whole batch (unconfident images add zero, as in FixMatch)."""
     was_training = model.training
     model.eval()  # the pseudo-label comes from the model as it would answer, not a train pass
     with torch.no_grad():
